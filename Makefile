@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Each creates .venv.
+# torch: dev/CI pin the CPU wheel (a bare `torch` would pull a multi-GB CUDA build);
+# pyproject keeps an open range so GPU images (Dockerfile) bring their own CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint typecheck unit bench bench-smoke clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/unet-tile serve --host $(HOST) --port $(PORT)
+
+lint: install
+	$(PY) -m ruff check .
+	$(VENV)/bin/hadolint Dockerfile
+
+typecheck: install
+	$(PY) -m mypy
+
+unit: install
+	$(PY) -m pytest
+
+test: lint typecheck unit
+
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

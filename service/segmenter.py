@@ -1,0 +1,121 @@
+"""A loaded checkpoint ready to segment images: normalization + tiling engine + model.
+
+This is the one place that joins the packages: :mod:`unet` gives the model and its
+normalization, :mod:`tiling` runs it over tiles. The CLI and the HTTP app both use it,
+so a file gives the same mask through either.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+import tiling
+from tiling import TorchPredictor
+from unet import Checkpoint, geometry
+
+from .errors import UnsupportedImageError
+from .io import ImageData, ImageHeader
+
+__all__ = ["Segmenter"]
+
+log = logging.getLogger(__name__)
+
+
+class Segmenter:
+    """Segments (planes, C, Y, X) images with one checkpoint on one device."""
+
+    def __init__(
+        self, checkpoint: Checkpoint, *, device: str = "auto", precision: str = "fp32", batch_size: int = 4
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.predictor = TorchPredictor(checkpoint.model, device=device, precision=precision)
+        self.batch_size = batch_size
+
+    @property
+    def depth(self) -> int:
+        return self.checkpoint.config.depth
+
+    def check(self, header: ImageHeader) -> None:
+        """Refuse an image whose channel count does not match the model."""
+        expected = self.checkpoint.config.in_channels
+        if header.channels != expected:
+            hint = ""
+            if header.axes.startswith("S") and expected == 1:
+                hint = f" (axes {header.axes}: if these are planes, not channels, save the file with axes metadata)"
+            raise UnsupportedImageError(f"model expects {expected} channel(s), image has {header.channels}{hint}")
+
+    def count_tiles(self, header: ImageHeader, tile_size: int = 388, stride: int | None = None) -> int:
+        plan = tiling.plan_tiles((header.height, header.width), depth=self.depth, tile_size=tile_size, stride=stride)
+        planes = int(np.prod(header.stack_shape)) if header.stack_shape else 1
+        return len(plan) * planes
+
+    def segment(
+        self,
+        image: ImageData,
+        *,
+        output: str = "labels",
+        tile_size: int = 388,
+        stride: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> npt.NDArray[Any]:
+        """(planes, Y, X) uint8 labels or (planes, K, Y, X) float32 probabilities.
+
+        ``progress(n)`` is called with the number of tiles just finished.
+        """
+        self.check(image.header)
+        results = []
+        for plane in image.planes:
+            affine = self.checkpoint.normalization.fit(plane)  # once per image plane, not per tile
+            last = 0
+
+            def step(done: int, total: int) -> None:
+                nonlocal last
+                if progress is not None:
+                    progress(done - last)
+                last = done
+
+            results.append(
+                tiling.segment(
+                    plane,
+                    self.predictor,
+                    output=output,  # type: ignore[arg-type]
+                    tile_size=tile_size,
+                    stride=stride,
+                    batch_size=self.batch_size,
+                    normalize=affine,
+                    depth=self.depth,
+                    progress=step,
+                )
+            )
+        return np.stack(results)
+
+    def warmup(self) -> None:
+        """One forward pass on a blank tile (allocators, kernels, autotuning)."""
+        n = geometry.input_size(4, self.depth)
+        blank = np.zeros((1, self.checkpoint.config.in_channels, n, n), np.float32)
+        self.predictor.predict_labels(blank)
+
+    def describe(self) -> dict[str, Any]:
+        ck = self.checkpoint
+        return {
+            "config": ck.config.to_dict(),
+            "class_names": list(ck.class_names),
+            "foreground": list(ck.foreground),
+            "normalization": ck.normalization.to_dict(),
+            "sha256": ck.sha256,
+            "format_version": ck.format_version,
+            "device": str(self.predictor.device),
+            "precision": self.predictor.precision,
+            "tile": {
+                "output": 388,
+                "input": geometry.input_size(388, self.depth),
+                "margin": geometry.context_margin(self.depth),
+                "period": geometry.pooling_period(self.depth),
+            },
+            "info": ck.info,
+        }

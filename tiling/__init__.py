@@ -1,0 +1,35 @@
+"""Overlap-tile inference for valid-padding networks: plan -> run -> stitch.
+
+The engine never knows HTTP or files; it takes arrays and any callable model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .engine import Output, ProgressCallback, predict_tiles, segment
+from .errors import TilingError
+from .padding import mirror_pad, read_window, reflect_indices
+from .plan import Tile, TilePlan, axis_layout, default_stride, plan_tiles
+from .predictor import TorchPredictor, resolve_device, resolve_precision
+
+__all__ = [
+    "Output",
+    "ProgressCallback",
+    "Tile",
+    "TilePlan",
+    "TilingError",
+    "TorchPredictor",
+    "axis_layout",
+    "default_stride",
+    "mirror_pad",
+    "plan_tiles",
+    "predict_tiles",
+    "read_window",
+    "reflect_indices",
+    "resolve_device",
+    "resolve_precision",
+    "segment",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,168 @@
+"""The overlap-tile inference loop: plan -> run -> stitch.
+
+:func:`segment` plans the tiles (:mod:`tiling.plan`), reads each input window from the
+lazily mirror-padded image (:mod:`tiling.padding`), feeds batches to any callable
+``(B, C, h, w) float32 -> (B, K, h - 2m, w - 2m)``, and writes each tile's kept part into
+the output with one assignment. Reading and normalizing the next batch runs on a worker
+thread while the model computes the current one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import TilingError
+from .padding import read_window
+from .plan import Tile, TilePlan, plan_tiles
+from .predictor import as_predictor
+
+__all__ = ["Output", "ProgressCallback", "predict_tiles", "segment"]
+
+log = logging.getLogger(__name__)
+
+Output = Literal["labels", "probabilities"]
+ProgressCallback = Callable[[int, int], None]  # (tiles done, tiles total)
+Normalize = Callable[[npt.NDArray[Any]], npt.NDArray[np.float32]]
+
+
+def _as_chw(image: Any) -> Any:
+    if image.ndim == 2:
+        return image[np.newaxis] if isinstance(image, np.ndarray) else np.asarray(image)[np.newaxis]
+    if image.ndim == 3:
+        return image
+    raise TilingError(f"expected a 2-D (H, W) or 3-D (C, H, W) image, got shape {tuple(image.shape)}")
+
+
+def _float32(x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    return x.astype(np.float32, copy=False)
+
+
+def _resolve_depth(predictor: Any, model: Any, depth: int | None) -> int:
+    found = depth or getattr(predictor, "depth", None) or getattr(getattr(model, "config", None), "depth", None)
+    if not isinstance(found, int):
+        raise TilingError("cannot tell the network depth: pass depth=... for a plain callable")
+    return found
+
+
+def _batches(tiles: Sequence[Tile], size: int) -> list[Sequence[Tile]]:
+    return [tiles[i : i + size] for i in range(0, len(tiles), size)]
+
+
+def _prefetched(
+    image: Any, plan: TilePlan, batch_size: int, normalize: Normalize
+) -> Iterator[tuple[Sequence[Tile], npt.NDArray[np.float32]]]:
+    """Yield (tiles, normalized input batch), preparing the next batch on a worker thread."""
+
+    def load(batch: Sequence[Tile]) -> npt.NDArray[np.float32]:
+        x = np.stack([read_window(image, *t.window, offset=plan.margin) for t in batch])
+        return normalize(x)
+
+    batches = _batches(plan.tiles, batch_size)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
+        pending = pool.submit(load, batches[0])
+        for i, batch in enumerate(batches):
+            x = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(load, batches[i + 1])
+            yield batch, x
+
+
+def predict_tiles(
+    image: Any,
+    plan: TilePlan,
+    predict: Callable[[npt.NDArray[np.float32]], npt.NDArray[Any]],
+    *,
+    batch_size: int = 4,
+    normalize: Normalize = _float32,
+) -> Iterator[tuple[Tile, npt.NDArray[Any]]]:
+    """Yield ``(tile, tile_output)`` for every tile of ``plan``, in order.
+
+    ``predict`` maps a (B, C, h, w) float32 batch to (B, K, th, tw) scores or
+    (B, th, tw) labels; anything else is refused with the shape that was expected.
+    """
+    if batch_size < 1:
+        raise TilingError(f"batch size must be >= 1, got {batch_size}")
+    th, tw = plan.tile_out
+    for batch, x in _prefetched(image, plan, batch_size, normalize):
+        y = np.asarray(predict(x))
+        if y.ndim not in (3, 4) or y.shape[0] != len(batch) or y.shape[-2:] != (th, tw):
+            raise TilingError(
+                f"model returned shape {tuple(y.shape)} for a batch of shape {tuple(x.shape)}; "
+                f"expected ({len(batch)}, K, {th}, {tw}) scores or ({len(batch)}, {th}, {tw}) labels"
+            )
+        yield from zip(batch, y, strict=True)
+
+
+def segment(
+    image: Any,
+    model: Any,
+    *,
+    output: Output = "labels",
+    tile_size: int | tuple[int, int] = 388,
+    stride: int | tuple[int, int] | None = None,
+    batch_size: int = 4,
+    normalize: Normalize | None = None,
+    depth: int | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
+    progress: ProgressCallback | None = None,
+) -> npt.NDArray[Any]:
+    """Segment a 2-D image of any size with the overlap-tile strategy.
+
+    ``image``: (H, W) or (C, H, W), any numeric dtype, or an array-like (memmap, zarr).
+    ``model``: an ``nn.Module`` (wrapped in :class:`~tiling.predictor.TorchPredictor` on
+    ``device`` at ``precision``) or any callable mapping a (B, C, h, w) float32 batch to
+    (B, K, h - 2m, w - 2m) scores; ``depth`` is read from ``model.config`` when not given.
+    ``normalize``: maps each raw (B, C, h, w) batch to float32 (default: a plain cast);
+    fit it once per image so every tile is treated alike.
+
+    Returns (H, W) uint8 class ids for ``output="labels"`` (argmax per tile: no full-size
+    score buffer) or (K, H, W) float32 scores (probabilities for a module).
+
+    >>> crop = lambda x: x[:, :, 92:-92, 92:-92]  # the "identity" valid network
+    >>> img = np.arange(35, dtype=np.float32).reshape(5, 7)
+    >>> bool((segment(img, crop, output="probabilities", depth=4)[0] == img).all())
+    True
+    """
+    if output not in ("labels", "probabilities"):
+        raise TilingError(f"output must be 'labels' or 'probabilities', got {output!r}")
+    image = _as_chw(image)
+    predictor = as_predictor(model, device=device, precision=precision)
+    plan = plan_tiles(
+        image.shape[-2:], depth=_resolve_depth(predictor, model, depth), tile_size=tile_size, stride=stride
+    )
+    log.debug("%d tiles of %s for an image of %s", len(plan), plan.tile_out, image.shape)
+    if output == "labels":
+        predict = getattr(predictor, "predict_labels", None) or _argmax(predictor)
+    else:
+        predict = predictor
+    out: npt.NDArray[Any] | None = None
+    for done, (tile, y) in enumerate(
+        predict_tiles(image, plan, predict, batch_size=batch_size, normalize=normalize or _float32), 1
+    ):
+        if out is None:
+            out = np.empty((*y.shape[:-2], *plan.image_shape), np.uint8 if output == "labels" else np.float32)
+        out[(..., *tile.dest)] = y[(..., *tile.keep)]
+        if progress is not None:
+            progress(done, len(plan))
+    assert out is not None  # a plan always holds at least one tile
+    return out
+
+
+def _argmax(
+    predictor: Callable[[npt.NDArray[np.float32]], npt.NDArray[Any]],
+) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.uint8]]:
+    def labels(x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+        y = np.asarray(predictor(x))
+        if y.ndim != 4:
+            raise TilingError(f"model returned shape {tuple(y.shape)}; expected (B, K, h, w) scores")
+        labels_: npt.NDArray[np.uint8] = y.argmax(axis=1).astype(np.uint8)
+        return labels_
+
+    return labels
