@@ -68,8 +68,8 @@ class Segmenter:
         ``progress(n)`` is called with the number of tiles just finished.
         """
         self.check(image.header)
-        results = []
-        for plane in image.planes:
+        out: npt.NDArray[Any] | None = None
+        for i, plane in enumerate(image.planes):
             affine = self.checkpoint.normalization.fit(plane)  # once per image plane, not per tile
             last = 0
 
@@ -79,20 +79,22 @@ class Segmenter:
                     progress(done - last)
                 last = done
 
-            results.append(
-                tiling.segment(
-                    plane,
-                    self.predictor,
-                    output=output,  # type: ignore[arg-type]
-                    tile_size=tile_size,
-                    stride=stride,
-                    batch_size=self.batch_size,
-                    normalize=affine,
-                    depth=self.depth,
-                    progress=step,
-                )
+            result = tiling.segment(
+                plane,
+                self.predictor,
+                output=output,  # type: ignore[arg-type]
+                tile_size=tile_size,
+                stride=stride,
+                batch_size=self.batch_size,
+                normalize=affine,
+                depth=self.depth,
+                progress=step,
             )
-        return np.stack(results)
+            if out is None:  # one buffer for all planes: no stacked copy at the end
+                out = np.empty((len(image.planes), *result.shape), result.dtype)
+            out[i] = result
+        assert out is not None  # an image has at least one plane
+        return out
 
     def warmup(self) -> None:
         """One forward pass on a blank tile (allocators, kernels, autotuning)."""
