@@ -34,12 +34,15 @@ log = logging.getLogger(__name__)
 def default_stride(tile: int, period: int) -> int:
     """The largest multiple of the pooling period that does not exceed the tile.
 
+    A tile smaller than the period (only the tiniest images get one) cannot step on the
+    grid without gaps; it steps by its own size, which matters only if it repeats.
+
     >>> default_stride(388, 16), default_stride(644, 16), default_stride(900, 16)
     (384, 640, 896)
+    >>> default_stride(4, 16)
+    4
     """
-    if tile < period:
-        raise TilingError(f"tile size {tile} is smaller than the pooling period {period}")
-    return tile // period * period
+    return tile // period * period if tile >= period else tile
 
 
 def axis_layout(size: int, tile: int, stride: int) -> list[tuple[int, int, int]]:
@@ -92,7 +95,7 @@ class TilePlan:
     @property
     def seam_free(self) -> bool:
         """Whether every origin is on the pooling grid (stitched == one whole pass)."""
-        return all(s % self.period == 0 for s in self.stride)
+        return all(s % self.period == 0 or n == 1 for s, n in zip(self.stride, self.grid, strict=True))
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -136,7 +139,7 @@ def plan_tiles(
     else:
         strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
         strides = tuple(min(s, t) for s, t in zip(strides, tile_out, strict=True))
-        if any(s % period for s in strides):
+        if any(s % period and n > t for s, t, n in zip(strides, tile_out, shape, strict=True)):
             log.info("stride %s is off the %d-px pooling grid: tiles will show seams", strides, period)
     rows = axis_layout(shape[0], tile_out[0], strides[0])
     cols = axis_layout(shape[1], tile_out[1], strides[1])

@@ -20,7 +20,7 @@ from torch import nn
 from . import geometry
 from .errors import GeometryError
 
-__all__ = ["UNet", "UNetConfig", "center_crop"]
+__all__ = ["DoubleConv", "Down", "UNet", "UNetConfig", "Up", "center_crop"]
 
 
 @dataclass(frozen=True)

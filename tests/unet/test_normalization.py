@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unet import Normalization, UNetError
+
+
+def test_percentile_maps_low_and_high_percentiles_to_0_and_1() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(100, 4000, size=(1, 300, 200)).astype(np.uint16)
+    aff = Normalization(low=1, high=99.8).fit(img)
+    out = aff(img[None])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(np.percentile(out, [1, 99.8]), [0.0, 1.0], atol=1e-3)
+
+
+def test_per_channel_statistics() -> None:
+    img = np.stack([np.linspace(0, 10, 10000), np.linspace(0, 1000, 10000)]).reshape(2, 100, 100)
+    out = Normalization(low=0, high=100).fit(img)(img[None])[0]
+    np.testing.assert_allclose(out.min(axis=(1, 2)), [0, 0], atol=1e-6)
+    np.testing.assert_allclose(out.max(axis=(1, 2)), [1, 1], atol=1e-6)
+
+
+def test_constant_image_maps_to_zero_not_inf() -> None:
+    img = np.full((1, 10, 10), 7, np.uint8)
+    out = Normalization().fit(img)(img[None])
+    assert np.isfinite(out).all() and (out == 0).all()
+
+
+def test_fixed_mean_std() -> None:
+    img = np.array([[[10.0, 14.0]]], np.float32)
+    aff = Normalization("fixed", mean=(10.0,), std=(2.0,)).fit(img)
+    np.testing.assert_allclose(aff(img[None]), [[[[0.0, 2.0]]]])
+
+
+def test_channel_mismatch_refused() -> None:
+    aff = Normalization().fit(np.zeros((1, 4, 4)))
+    with pytest.raises(UNetError, match="fitted for 1 channel"):
+        aff(np.zeros((1, 3, 4, 4)))
+    with pytest.raises(UNetError, match="stores 1 channel"):
+        Normalization("fixed", mean=(0.0,), std=(1.0,)).fit(np.zeros((3, 4, 4)))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"low": 50, "high": 10},
+        {"method": "fixed"},
+        {"method": "fixed", "mean": (0.0,), "std": (0.0,)},
+        {"method": "zscore"},
+    ],
+)
+def test_invalid_settings_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(UNetError):
+        Normalization(**kwargs)  # type: ignore[arg-type]
+
+
+def test_dict_round_trip() -> None:
+    n = Normalization("fixed", mean=(1.0, 2.0), std=(3.0, 4.0))
+    assert Normalization.from_dict(n.to_dict()) == n
