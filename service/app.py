@@ -1,0 +1,103 @@
+"""The FastAPI application: ``create_app(settings)``; the model arrives in the lifespan.
+
+Nothing heavy happens at import or in :func:`create_app`: the checkpoint is loaded and
+warmed up (one forward pass) when the server starts, before it accepts a connection, and
+a checkpoint that cannot be loaded stops the start-up (:class:`unet.CheckpointError`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import Depends, FastAPI
+
+from unet import load_checkpoint
+
+from .deps import ServiceState, require_api_key
+from .http_errors import install_error_handlers
+from .limits import DeviceSlots
+from .metrics import MetricsMiddleware
+from .paths import default_checkpoint
+from .routes import docs, health, metrics, model, segment
+from .segmenter import Segmenter
+from .settings import Settings, get_settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def _load(settings: Settings) -> Segmenter:
+    path = settings.checkpoint or default_checkpoint()
+    t0 = time.perf_counter()
+    segmenter = Segmenter(
+        load_checkpoint(path), device=settings.device, precision=settings.precision, batch_size=settings.batch_size
+    )
+    segmenter.warmup()
+    log.info(
+        "model %s loaded and warmed up on %s (%s) in %.2f s",
+        segmenter.checkpoint.sha256[:12],
+        segmenter.predictor.device,
+        segmenter.predictor.precision,
+        time.perf_counter() - t0,
+    )
+    return segmenter
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own state and metrics registry; ``settings`` default to the environment's."""
+    settings = settings if settings is not None else get_settings()
+    state = ServiceState(
+        settings=settings, slots=DeviceSlots(settings.slots, settings.queue_size, settings.retry_after_s)
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            state.segmenter = await anyio.to_thread.run_sync(_load, settings)
+        except Exception as e:
+            state.startup_error = e
+            log.error("cannot start: %s", e)
+            raise
+        described = state.segmenter.predictor
+        state.metrics.model_info.labels(
+            state.segmenter.checkpoint.sha256, str(described.device), described.precision
+        ).set(1)
+        state.executor = ThreadPoolExecutor(max_workers=settings.slots, thread_name_prefix="segment")
+        state.ready = True
+        state.metrics.ready.set(1)
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.metrics.ready.set(0)
+            executor = state.executor
+            await anyio.to_thread.run_sync(lambda: executor.shutdown(wait=True, cancel_futures=True))
+            log.info("shut down")
+
+    app = FastAPI(
+        title="unet-tile",
+        summary="Large-image U-Net segmentation with seam-free overlap-tile inference",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.service = state
+    app.dependency_overrides[get_settings] = lambda: settings
+    slots = state.slots
+    assert slots is not None
+    state.metrics.track(lambda: slots.queued, lambda: slots.running)
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.include_router(health.router)
+    protected = [Depends(require_api_key)]
+    for router in (segment.router, model.router, metrics.router, docs.router):
+        app.include_router(router, dependencies=protected)
+    return app

@@ -1,0 +1,150 @@
+"""``POST /segment``: a TIFF in, its mask (or probabilities) out, as the CLI would write it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Query, Request, Response
+
+from ..deps import SegmenterDep, SettingsDep, StateDep
+from ..http_errors import ClientDisconnectedError, TimeLimitError
+from ..io import encode_tiff, read_image
+from ..limits import Job, check_request, receive_upload, run_guarded
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["segment"])
+
+_BINARY = {"type": "string", "format": "binary"}
+_UPLOAD_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "the TIFF as the raw body, or as multipart field `file`",
+        "content": {
+            "image/tiff": {"schema": _BINARY},
+            "application/octet-stream": {"schema": _BINARY},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]}
+            },
+        },
+    }
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/tiff": {"schema": _BINARY}}, "description": "the mask as a compressed TIFF"},
+    400: {"description": "corrupt or truncated TIFF, malformed body"},
+    401: {"description": "missing or wrong API key (when UNET_API_KEY is set)"},
+    408: {"description": "the upload did not finish within the time limit"},
+    413: {"description": "body over UNET_MAX_UPLOAD_MB, or image over UNET_MAX_PIXELS / UNET_MAX_IMAGE_MB"},
+    415: {"description": "not a TIFF"},
+    422: {"description": "unsupported dtype, channels or compression; invalid tile_size or options"},
+    503: {"description": "queue full or model not ready; see Retry-After"},
+    504: {"description": "the segmentation did not finish within UNET_REQUEST_TIMEOUT_S"},
+}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+@router.post(
+    "/segment",
+    response_class=Response,
+    responses=_RESPONSES,
+    openapi_extra=_UPLOAD_DOC,
+    summary="Segment a TIFF image",
+)
+async def segment(
+    request: Request,
+    state: StateDep,
+    settings: SettingsDep,
+    segmenter: SegmenterDep,
+    output: Annotated[
+        Literal["labels", "probabilities"], Query(description="uint8 class ids or float32 per-class probabilities")
+    ] = "labels",
+    tile_size: Annotated[int, Query(description="output tile size: 388, 644, 900, ... (16k-60 for depth 4)")] = 388,
+) -> Response:
+    """Segment the uploaded TIFF; the answer has the input's height, width and stack axes.
+
+    Headers: `X-Model-SHA256`, `X-Tiles`, `Server-Timing` (queue, decode, infer, encode).
+    """
+    assert state.slots is not None and state.executor is not None  # set with the segmenter
+    slots, metrics = state.slots, state.metrics
+    start = time.monotonic()
+    job = Job(start + settings.request_timeout_s, settings.request_timeout_s)
+    slots.admit()  # 503 before reading a byte of an upload we cannot serve
+    outcome = "error"
+    try:
+        spool = await receive_upload(request, settings, job.deadline)
+        try:
+            src = spool.file()
+            admitted = await anyio.to_thread.run_sync(
+                lambda: check_request(src, segmenter, settings, output=output, tile_size=tile_size)
+            )
+            header = admitted.header
+
+            async def watch() -> None:
+                if await request.is_disconnected():
+                    raise ClientDisconnectedError("client disconnected while queued")
+                if time.monotonic() > job.deadline:
+                    raise TimeLimitError(f"no device slot became free within {settings.request_timeout_s:g} s")
+
+            queued_at = time.monotonic()
+            await slots.acquire(watch)
+            timings: dict[str, float] = {"queue": time.monotonic() - queued_at}
+
+            def work() -> bytes:
+                t0 = time.perf_counter()
+                job.check()
+                image = read_image(src, max_pixels=settings.max_pixels)
+                t1 = time.perf_counter()
+
+                def progress(n: int) -> None:
+                    metrics.tiles.inc(n)
+                    job.check()
+
+                result = segmenter.segment(image, output=output, tile_size=tile_size, progress=progress)
+                del image
+                job.check()
+                t2 = time.perf_counter()
+                data = encode_tiff(header, result)
+                timings.update(decode=t1 - t0, infer=t2 - t1, encode=time.perf_counter() - t2)
+                return data
+
+            body = await run_guarded(request, job, state.executor, work, slots.release)
+        finally:
+            spool.close()
+        outcome = "ok"
+    except BaseException as e:
+        outcome = type(e).__name__
+        raise
+    finally:
+        slots.leave()
+        metrics.segmentations.labels(outcome).inc()
+    planes = header.pixels // header.channels
+    metrics.megapixels.inc(planes / 1e6)
+    timing = ", ".join(f"{k};dur={_ms(v)}" for k, v in timings.items())
+    log.info(
+        "segmented %s %s image (%d tiles) in %.2f s [%s]",
+        "x".join(map(str, header.shape)),
+        header.dtype.name,
+        admitted.tiles,
+        time.monotonic() - start,
+        timing,
+    )
+    return Response(
+        body,
+        media_type="image/tiff",
+        headers={
+            "X-Model-SHA256": segmenter.checkpoint.sha256,
+            "X-Tiles": str(admitted.tiles),
+            "X-Image-Shape": "x".join(map(str, header.shape)),
+            "X-Image-Axes": header.axes,
+            "Server-Timing": timing,
+            "Content-Disposition": 'attachment; filename="mask.tif"',
+        },
+    )

@@ -1,0 +1,74 @@
+"""Settings of the HTTP service, read from ``UNET_*`` environment variables.
+
+Every field is one variable (``checkpoint`` is ``UNET_CHECKPOINT``); ``unet-tile serve``
+flags override them. The README's settings table lists them all.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Typed service configuration; the defaults suit one GPU (or a CPU) per process."""
+
+    model_config = SettingsConfigDict(env_prefix="UNET_", frozen=True, extra="ignore")
+
+    checkpoint: Path | None = Field(default=None, description="checkpoint file; unset means the bundled demo model")
+    host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0 in the Docker image)")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="compute device")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(default="fp32", description="compute precision")
+    batch_size: int = Field(default=4, ge=1, description="tiles per forward pass")
+    slots: int = Field(default=1, ge=1, description="segmentations running at once on the device")
+    queue_size: int = Field(
+        default=4, ge=0, description="segmentations admitted beyond the slots (waiting); more get 503"
+    )
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After seconds sent with 503")
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, description="time limit of one /segment request (upload to answer)"
+    )
+    max_upload_mb: float = Field(
+        default=1024.0, gt=0, description="largest request body in MiB, counted while receiving"
+    )
+    spool_mb: float = Field(default=8.0, ge=0, description="request bodies larger than this (MiB) are spooled to disk")
+    spool_dir: Path | None = Field(
+        default=None, description="directory for spooled uploads; unset means the system temp dir"
+    )
+    max_pixels: int = Field(
+        default=16384 * 16384, ge=1, description="most pixels an image may declare (all planes/channels)"
+    )
+    max_image_mb: float = Field(
+        default=2048.0, gt=0, description="most MiB the decoded image, and separately the result, may take"
+    )
+    max_tile_size: int = Field(default=1412, ge=4, description="largest tile_size a request may ask for")
+    api_key: SecretStr | None = Field(default=None, description="if set, every route but /healthz and /readyz needs it")
+    shutdown_timeout_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="log level")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def spool_bytes(self) -> int:
+        return int(self.spool_mb * 2**20)
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 2**20)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings (cached); apps and tests may override this dependency."""
+    return Settings()
