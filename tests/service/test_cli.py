@@ -73,7 +73,7 @@ def test_probabilities(tmp_path: Path, tiny_checkpoint: Path) -> None:
             tmp_path / "in.tif",
             "-o",
             tmp_path / "p.tif",
-            "--output-kind",
+            "--output",
             "probabilities",
             "--checkpoint",
             tiny_checkpoint,
