@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 Output = Literal["labels", "probabilities"]
 ProgressCallback = Callable[[int, int], None]  # (tiles done, tiles total)
 Normalize = Callable[[npt.NDArray[Any]], npt.NDArray[np.float32]]
+_DEFAULT_BATCH = 4  # for plain callables that do not say what suits them
 
 
 def _as_chw(image: Any) -> Any:
@@ -50,18 +51,41 @@ def _resolve_depth(predictor: Any, model: Any, depth: int | None) -> int:
     return found
 
 
+def _resolve_batch_size(predict: Callable[..., Any], plan: TilePlan, batch_size: int | None) -> int:
+    if batch_size is None:
+        owner = getattr(predict, "__self__", predict)
+        preferred = getattr(owner, "preferred_batch_size", None)
+        batch_size = int(preferred(plan.tile_in)) if callable(preferred) else _DEFAULT_BATCH
+        log.debug("batch size %d for %s input windows", batch_size, plan.tile_in)
+    if batch_size < 1:
+        raise TilingError(f"batch size must be >= 1, got {batch_size}")
+    return min(batch_size, len(plan))
+
+
 def _batches(tiles: Sequence[Tile], size: int) -> list[Sequence[Tile]]:
     return [tiles[i : i + size] for i in range(0, len(tiles), size)]
 
 
+def _stager(predict: Callable[..., Any]) -> Callable[[npt.NDArray[np.float32]], Any] | None:
+    """The ``stage`` hook of a predictor (or of the predictor a bound method belongs to):
+    it turns a normalized batch into what the predictor takes (e.g. pinned memory for CUDA)
+    and runs on the reader thread, off the model's critical path."""
+    stage = getattr(predict, "stage", None) or getattr(getattr(predict, "__self__", None), "stage", None)
+    return stage if callable(stage) else None
+
+
 def _prefetched(
-    image: Any, plan: TilePlan, batch_size: int, normalize: Normalize
-) -> Iterator[tuple[Sequence[Tile], npt.NDArray[np.float32]]]:
+    image: Any,
+    plan: TilePlan,
+    batch_size: int,
+    normalize: Normalize,
+    stage: Callable[[npt.NDArray[np.float32]], Any] | None = None,
+) -> Iterator[tuple[Sequence[Tile], Any]]:
     """Yield (tiles, normalized input batch), preparing the next batch on a worker thread."""
 
-    def load(batch: Sequence[Tile]) -> npt.NDArray[np.float32]:
-        x = np.stack([read_window(image, *t.window, offset=plan.margin) for t in batch])
-        return normalize(x)
+    def load(batch: Sequence[Tile]) -> Any:
+        x = normalize(np.stack([read_window(image, *t.window, offset=plan.margin) for t in batch]))
+        return stage(x) if stage is not None else x
 
     batches = _batches(plan.tiles, batch_size)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
@@ -78,18 +102,18 @@ def predict_tiles(
     plan: TilePlan,
     predict: Callable[[npt.NDArray[np.float32]], npt.NDArray[Any]],
     *,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     normalize: Normalize = _float32,
 ) -> Iterator[tuple[Tile, npt.NDArray[Any]]]:
     """Yield ``(tile, tile_output)`` for every tile of ``plan``, in order.
 
     ``predict`` maps a (B, C, h, w) float32 batch to (B, K, th, tw) scores or
     (B, th, tw) labels; anything else is refused with the shape that was expected.
+    ``batch_size=None`` asks the predictor (``preferred_batch_size``), else uses 4.
     """
-    if batch_size < 1:
-        raise TilingError(f"batch size must be >= 1, got {batch_size}")
+    batch_size = _resolve_batch_size(predict, plan, batch_size)
     th, tw = plan.tile_out
-    for batch, x in _prefetched(image, plan, batch_size, normalize):
+    for batch, x in _prefetched(image, plan, batch_size, normalize, _stager(predict)):
         y = np.asarray(predict(x))
         if y.ndim not in (3, 4) or y.shape[0] != len(batch) or y.shape[-2:] != (th, tw):
             raise TilingError(
@@ -106,7 +130,7 @@ def segment(
     output: Output = "labels",
     tile_size: int | tuple[int, int] = 388,
     stride: int | tuple[int, int] | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     normalize: Normalize | None = None,
     depth: int | None = None,
     device: str | None = None,
@@ -121,6 +145,9 @@ def segment(
     (B, K, h - 2m, w - 2m) scores; ``depth`` is read from ``model.config`` when not given.
     ``normalize``: maps each raw (B, C, h, w) batch to float32 (default: a plain cast);
     fit it once per image so every tile is treated alike.
+    ``batch_size``: tiles read and predicted together; ``None`` lets a
+    :class:`~tiling.predictor.TorchPredictor` choose for its device (cache-sized on the
+    CPU, from free memory on CUDA), 4 for other callables. It never changes the result.
 
     Returns (H, W) uint8 class ids for ``output="labels"`` (argmax per tile: no full-size
     score buffer) or (K, H, W) float32 scores (probabilities for a module).
