@@ -170,12 +170,11 @@ class _MultipartFile:
             raise InputError(f"expected the TIFF in multipart field 'file', got fields: {got}")
 
 
-def _too_big(n: int, settings: Settings, declared: bool = False) -> ImageTooLargeError:
-    what = "declares" if declared else "has at least"
-    return ImageTooLargeError(
-        f"request body {what} {n:,} bytes; the limit is {settings.max_upload_bytes:,} bytes "
-        f"(UNET_MAX_UPLOAD_MB={settings.max_upload_mb:g})"
-    )
+def _too_big(settings: Settings, declared: int | None = None) -> ImageTooLargeError:
+    limit = f"the limit is {settings.max_upload_bytes:,} bytes (UNET_MAX_UPLOAD_MB={settings.max_upload_mb:g})"
+    if declared is not None:
+        return ImageTooLargeError(f"request body declares {declared:,} bytes; {limit}")
+    return ImageTooLargeError(f"request body is larger than allowed: {limit}")
 
 
 async def receive_upload(request: Request, settings: Settings, deadline: float) -> Spool:
@@ -183,7 +182,7 @@ async def receive_upload(request: Request, settings: Settings, deadline: float) 
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:  # refuse before reading (curl waits on 100-continue)
-        raise _too_big(int(declared), settings, declared=True)
+        raise _too_big(settings, int(declared))
     content_type = request.headers.get("content-type", "")
     spool = Spool(settings.spool_bytes, settings.spool_dir)
     try:
@@ -193,7 +192,7 @@ async def receive_upload(request: Request, settings: Settings, deadline: float) 
             async for chunk in request.stream():
                 received += len(chunk)
                 if received > limit:
-                    raise _too_big(received, settings)
+                    raise _too_big(settings)
                 if form is not None:
                     form.write(chunk)
                 else:
