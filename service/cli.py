@@ -23,6 +23,7 @@ from .errors import InputError
 from .io import read_header, read_image, write_tiff_atomic
 from .paths import default_checkpoint
 from .segmenter import Segmenter
+from .streaming import DEFAULT_STREAM_ABOVE_MB, decoded_bytes, segment_file, should_stream
 
 __all__ = ["USER_ERRORS", "main"]
 
@@ -62,25 +63,46 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError(f"input file not found: {args.input}")
     if not args.output.parent.is_dir():
         raise InputError(f"output directory does not exist: {args.output.parent}")
+    if args.pyramid and args.output_kind != "labels":
+        raise InputError("--pyramid applies to labels output, not probabilities")
     header = read_header(args.input)
     segmenter = load_segmenter(args)
     segmenter.check(header)
     total = segmenter.count_tiles(header, args.tile_size, args.stride)
+    streamed = should_stream(header, args.stream_above, output=args.output_kind, pyramid=args.pyramid)
+    log.info(
+        "%s path for %s (%.0f MB decoded)",
+        "streamed" if streamed else "in-memory",
+        args.input,
+        decoded_bytes(header) / 1e6,
+    )
     t0 = time.perf_counter()
-    image = read_image(args.input)
     with tqdm(total=total, unit="tile", desc="segment", disable=args.quiet, file=sys.stderr) as bar:
 
         def advance(n: int) -> None:
             bar.update(n)
             elapsed = time.perf_counter() - t0
-            mpx = header.height * header.width * (bar.n / total) / 1e6
+            mpx = header.pixels / header.channels * (bar.n / total) / 1e6
             bar.set_postfix_str(f"{mpx / max(elapsed, 1e-9):.2f} Mpx/s", refresh=False)
 
-        result = segmenter.segment(
-            image, output=args.output_kind, tile_size=args.tile_size, stride=args.stride, progress=advance
-        )
-    write_tiff_atomic(args.output, header, result)
-    log.info("wrote %s (%s) in %.2f s", args.output, result.dtype, time.perf_counter() - t0)
+        if streamed:
+            segment_file(
+                segmenter,
+                args.input,
+                args.output,
+                tile_size=args.tile_size,
+                stride=args.stride,
+                pyramid=args.pyramid,
+                progress=advance,
+            )
+        else:
+            image = read_image(args.input)
+            result = segmenter.segment(
+                image, output=args.output_kind, tile_size=args.tile_size, stride=args.stride, progress=advance
+            )
+            del image
+            write_tiff_atomic(args.output, header, result)
+    log.info("wrote %s in %.2f s", args.output, time.perf_counter() - t0)
     return 0
 
 
@@ -104,6 +126,16 @@ def _add_segment(sub: Any) -> None:
         help="tile step; default is seam-free (a multiple of 16); 388 = paper layout",
     )
     add_model_options(p)
+    p.add_argument(
+        "--stream-above",
+        type=float,
+        default=DEFAULT_STREAM_ABOVE_MB,
+        metavar="MB",
+        help=f"stream images whose decoded size exceeds MB (windowed reads, tiled BigTIFF output; default: {DEFAULT_STREAM_ABOVE_MB}, 0 = always)",
+    )
+    p.add_argument(
+        "--pyramid", action="store_true", help="write a pyramidal OME-TIFF (labels; implies the streamed path)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_segment)
 
