@@ -383,7 +383,13 @@ async def run_guarded(
     except BaseException:
         on_done()
         raise
-    fut.add_done_callback(lambda _: on_done())
+
+    def finished(f: asyncio.Future[T]) -> None:
+        on_done()
+        if not f.cancelled():
+            f.exception()  # retrieved here too: after a shutdown cancel, nobody else will
+
+    fut.add_done_callback(finished)
     try:
         while True:
             done, _ = await asyncio.wait({fut}, timeout=_POLL_S)

@@ -103,10 +103,11 @@ def serve(args: argparse.Namespace) -> int:
         lifespan="on",
     )
     server = uvicorn.Server(config)
-    server.run()
-    if not server.started:
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits when start-up fails (port taken, lifespan error)
         error = app.state.service.startup_error
         if error is not None:
-            raise error  # the CLI prints it in one line (exit 2 for a bad checkpoint)
-        return 1
-    return 0
+            raise error from None  # the CLI prints it in one line (exit 2 for a bad checkpoint)
+        return int(e.code) if isinstance(e.code, int) else 1
+    return 0 if server.started else 1

@@ -171,3 +171,8 @@ def test_batch_script_segments_a_folder_and_reports_failures(
     for i in range(3):
         expected = cli_mask(tmp_path, small_checkpoint, (src / f"img{i}.tif").read_bytes())
         np.testing.assert_array_equal(tifffile.imread(out / f"img{i}.tif"), expected)
+
+
+def test_without_an_api_key_no_route_needs_one(server: Any) -> None:
+    assert server.get("/model").status_code == 200
+    assert server.get("/model", headers={"Authorization": "Bearer anything"}).status_code == 200
