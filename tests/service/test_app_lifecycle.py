@@ -123,3 +123,10 @@ def test_sigterm_finishes_in_flight_work_then_stops_the_rest(
     log = server.log_text()
     assert "Shutting down" in log and "Application shutdown complete" in log
     assert "Future exception was never retrieved" not in log
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("<!-- section:service -->")[1].split("<!-- /section:service -->")[0]
+    for name in Settings.model_fields:
+        assert f"| `UNET_{name.upper()}` |" in section, name
