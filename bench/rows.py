@@ -1,0 +1,329 @@
+"""One benchmark row per process: ``python -m bench.rows '<json spec>'`` prints one JSON line.
+
+Each row runs in a fresh process so its peak RSS (``ru_maxrss``) is its own. What is
+timed (``seconds``) and what is not:
+
+* ``ceiling``: forward passes of the bare network (logits only) on random 572x572 batches,
+  searching batch size x layout (NCHW / channels-last) x module (as loaded / batch norm
+  folded); the best per-tile time is scaled to the number of tiles the engine's plan
+  needs for this image. Input windows, normalization and stitching are not included:
+  that is what makes it the ceiling.
+* ``engine``: ``tiling.segment`` from the decoded array to stitched labels (normalization
+  fitted beforehand, one warm-up tile beforehand, neither timed).
+* ``cli``: the whole ``unet-tile segment in.tif -o out.tif`` command, interpreter start and
+  model load included.
+* ``http``: one POST of the TIFF to a live, warmed-up ``unet-tile serve`` on 127.0.0.1,
+  until the whole response (the mask TIFF) is received. RSS is the server's peak.
+* ``naive`` / ``monai``: :mod:`bench.baselines` from the decoded array (normalization
+  included, model construction not).
+* ``agreement``: labels at each reduced precision against fp32 on the held-out demo images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import tifffile
+import torch
+
+import tiling
+import unet
+from unet.checkpoint import Checkpoint
+
+from . import baselines, data
+
+__all__ = ["ROWS", "main", "run_row"]
+
+Spec = dict[str, Any]
+Result = dict[str, Any]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _children_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _load(spec: Spec) -> tuple[Checkpoint, npt.NDArray[Any]]:
+    ck = unet.load_checkpoint(spec["checkpoint"])
+    image = np.load(spec["image_npy"])
+    return ck, image
+
+
+def _plan(ck: Checkpoint, image: npt.NDArray[Any], tile_size: int = 388) -> tiling.TilePlan:
+    return tiling.plan_tiles(image.shape[-2:], depth=ck.config.depth, tile_size=tile_size)
+
+
+def _save_labels(spec: Spec, labels: npt.NDArray[Any]) -> None:
+    if spec.get("labels_out"):
+        np.save(spec["labels_out"], labels)
+
+
+def _time_passes(run: Callable[[], object], device: torch.device, min_passes: int, min_seconds: float) -> float:
+    """Seconds per pass: at least ``min_passes`` and ``min_seconds``, after one warm-up."""
+    run()
+    _sync(device)
+    n, t0 = 0, time.perf_counter()
+    while n < min_passes or time.perf_counter() - t0 < min_seconds:
+        run()
+        n += 1
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def ceiling(spec: Spec) -> Result:
+    ck, image = _load(spec)
+    device = tiling.resolve_device(spec["device"])
+    precision = tiling.resolve_precision(spec["precision"], device)
+    plan = _plan(ck, image)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    modules = {"as-loaded": ck.model.eval(), "bn-folded": tiling.predictor.fold_batch_norm(ck.model)}
+    h, w = plan.tile_in
+    results = []
+    for (name, module), layout, batch in (
+        (m, layout, b) for m in modules.items() for layout in ("nchw", "channels_last") for b in spec["batches"]
+    ):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        net = module.to(device).to(memory_format=fmt)  # type: ignore[call-overload]
+        x = torch.randn(batch, ck.config.in_channels, h, w, device=device).contiguous(memory_format=fmt)
+
+        def run(net: torch.nn.Module = net, x: torch.Tensor = x) -> object:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+                return net(x)
+
+        try:
+            per_pass = _time_passes(run, device, min_passes=2, min_seconds=spec["search_seconds"])
+        except torch.cuda.OutOfMemoryError:
+            continue
+        results.append({"module": name, "layout": layout, "batch": batch, "s_per_tile": per_pass / batch})
+    best = min(results, key=lambda r: r["s_per_tile"])
+    # the best configuration again, over as many tiles as the engine's plan has
+    fmt = torch.channels_last if best["layout"] == "channels_last" else torch.contiguous_format
+    net = modules[best["module"]].to(memory_format=fmt)  # type: ignore[call-overload]
+    x = torch.randn(best["batch"], ck.config.in_channels, h, w, device=device).contiguous(memory_format=fmt)
+    passes = max(1, -(-len(plan) // best["batch"]))
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+        net(x)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(passes):
+            net(x)
+        _sync(device)
+        per_tile = (time.perf_counter() - t0) / (passes * best["batch"])
+    return {
+        "seconds": per_tile * len(plan),
+        "precision": precision,
+        "config": f"{best['module']}, {best['layout']}, batch {best['batch']}",
+        "tiles": len(plan),
+        "search": results,
+    }
+
+
+def engine(spec: Spec) -> Result:
+    ck, image = _load(spec)
+    predictor = tiling.TorchPredictor(ck.model, device=spec["device"], precision=spec["precision"])
+    affine = ck.normalization.fit(image[None])
+    tile_size = spec.get("tile_size", 388)
+    plan = _plan(ck, image, tile_size)
+    batch = spec.get("batch_size") or predictor.preferred_batch_size(plan.tile_in)
+    predictor.predict_labels(np.zeros((1, ck.config.in_channels, *plan.tile_in), np.float32))  # warm-up
+    t0 = time.perf_counter()
+    labels = tiling.segment(image, predictor, normalize=affine, tile_size=tile_size, batch_size=batch)
+    seconds = time.perf_counter() - t0
+    _save_labels(spec, labels)
+    return {
+        "seconds": seconds,
+        "precision": predictor.precision,
+        "config": f"tile {tile_size}, batch {batch}",
+        "tiles": len(plan),
+    }
+
+
+def _unet_tile() -> list[str]:
+    return [sys.executable, "-m", "service.cli"]
+
+
+def cli(spec: Spec) -> Result:
+    out = Path(spec["workdir"]) / "cli-out.tif"
+    cmd = [*_unet_tile(), "segment", spec["image_tif"], "-o", str(out), "--checkpoint", spec["checkpoint"]]
+    cmd += ["--precision", spec["precision"], "--device", spec["device"], "-q"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"unet-tile segment failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    labels = tifffile.imread(out)
+    _save_labels(spec, labels)
+    out.unlink()
+    return {
+        "seconds": seconds,
+        "precision": spec["precision"],
+        "config": "unet-tile segment (defaults)",
+        "peak_rss_mb": _children_peak_rss_mb(),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def _server(spec: Spec) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = _free_port()
+    cmd = [*_unet_tile(), "serve", "--host", "127.0.0.1", "--port", str(port), "--checkpoint", spec["checkpoint"]]
+    cmd += ["--precision", spec["precision"], "--device", spec["device"], "--log-level", "warning"]
+    log = open(Path(spec["workdir"]) / "server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("server not ready within 180 s")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def http(spec: Spec) -> Result:
+    body = Path(spec["image_tif"]).read_bytes()
+    small = Path(spec["workdir"]) / "warmup.tif"
+    tifffile.imwrite(small, np.load(spec["image_npy"], mmap_mode="r")[:600, :600])
+    headers = {"content-type": "image/tiff"}
+    with _server(spec) as (url, proc), httpx.Client(timeout=3600) as client:
+        client.post(f"{url}/segment", content=small.read_bytes(), headers=headers).raise_for_status()
+        t0 = time.perf_counter()
+        response = client.post(f"{url}/segment", content=body, headers=headers)
+        seconds = time.perf_counter() - t0
+        response.raise_for_status()
+        rss = _vm_hwm_mb(proc.pid)
+    labels = tifffile.imread(__import__("io").BytesIO(response.content))
+    _save_labels(spec, labels)
+    return {
+        "seconds": seconds,
+        "precision": spec["precision"],
+        "config": "POST /segment (raw body), server defaults",
+        "peak_rss_mb": rss,
+        "server_timing": response.headers.get("server-timing", ""),
+    }
+
+
+def naive(spec: Spec) -> Result:
+    ck, image = _load(spec)
+    affine = ck.normalization.fit(image[None])
+    device = str(tiling.resolve_device(spec["device"]))
+    t0 = time.perf_counter()
+    labels = baselines.naive_segment(image, ck.model, affine, margin=ck.model.margin, device=device)
+    seconds = time.perf_counter() - t0
+    _save_labels(spec, labels)
+    return {"seconds": seconds, "precision": "fp32", "config": "1 tile/pass, NCHW, np.pad, stride 388"}
+
+
+def monai(spec: Spec) -> Result:
+    if not baselines.monai_available():
+        return {"skipped": "MONAI is not installed (pip install -e '.[bench]')"}
+    ck, image = _load(spec)
+    affine = ck.normalization.fit(image[None])
+    device = str(tiling.resolve_device(spec["device"]))
+    t0 = time.perf_counter()
+    labels = baselines.monai_segment(
+        image, ck.config.base_width, affine, num_classes=ck.config.num_classes, device=device
+    )
+    seconds = time.perf_counter() - t0
+    _save_labels(spec, labels)
+    return {
+        "seconds": seconds,
+        "precision": "fp32",
+        "config": f"BasicUNet width {ck.config.base_width}, roi 572, overlap 0.25, gaussian, sw_batch 4",
+    }
+
+
+def agreement(spec: Spec) -> Result:
+    ck = unet.load_checkpoint(spec["checkpoint"])
+    device = tiling.resolve_device(spec["device"])
+    modes = ["bf16"] + (["fp16"] if device.type == "cuda" else [])
+    predictors = {p: tiling.TorchPredictor(ck.model, device=device, precision=p) for p in ["fp32", *modes]}
+    same = dict.fromkeys(modes, 0)
+    worst = dict.fromkeys(modes, 1.0)
+    total = 0
+    for image in data.demo_samples(spec.get("demo_size", 1024)):
+        affine = ck.normalization.fit(image[None])
+        ref = tiling.segment(image, predictors["fp32"], normalize=affine)
+        total += ref.size
+        for p in modes:
+            labels = tiling.segment(image, predictors[p], normalize=affine)
+            agree = int((labels == ref).sum())
+            same[p] += agree
+            worst[p] = min(worst[p], agree / ref.size)
+    return {"agreement": {p: same[p] / total for p in modes}, "worst_image": worst, "pixels": total}
+
+
+ROWS: dict[str, Callable[[Spec], Result]] = {
+    "ceiling": ceiling,
+    "engine": engine,
+    "cli": cli,
+    "http": http,
+    "naive": naive,
+    "monai": monai,
+    "agreement": agreement,
+}
+
+
+def run_row(spec: Spec) -> Result:
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    result = ROWS[spec["row"]](spec)
+    result.setdefault("peak_rss_mb", _peak_rss_mb())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec = json.loads((argv or sys.argv[1:])[0])
+    print(json.dumps(run_row(spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
