@@ -20,10 +20,11 @@ from unet import load_checkpoint
 
 from .deps import ServiceState, require_api_key
 from .http_errors import install_error_handlers
+from .jobs import start_jobs
 from .limits import DeviceSlots
 from .metrics import MetricsMiddleware
 from .paths import default_checkpoint
-from .routes import docs, health, metrics, model, segment
+from .routes import docs, health, jobs, metrics, model, segment
 from .segmenter import Segmenter
 from .settings import Settings, get_settings
 
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.segmenter.checkpoint.sha256, str(described.device), described.precision
         ).set(1)
         state.executor = ThreadPoolExecutor(max_workers=settings.slots, thread_name_prefix="segment")
+        app.state.jobs = await anyio.to_thread.run_sync(start_jobs, settings, state.segmenter)
         state.ready = True
         state.metrics.ready.set(1)
         try:
@@ -78,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.metrics.ready.set(0)
             executor = state.executor
             await anyio.to_thread.run_sync(lambda: executor.shutdown(wait=True, cancel_futures=True))
+            if app.state.jobs is not None:  # a running job stops at its next batch and is queued again
+                await anyio.to_thread.run_sync(app.state.jobs.stop)
             log.info("shut down")
 
     app = FastAPI(
@@ -98,6 +102,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
-    for router in (segment.router, model.router, metrics.router, docs.router):
+    for router in (segment.router, model.router, metrics.router, docs.router, jobs.router):
         app.include_router(router, dependencies=protected)
     return app

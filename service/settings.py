@@ -54,6 +54,21 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="log level")
+    # jobs (/jobs) and the streamed path for big images
+    jobs_dir: Path | None = Field(
+        default=None, description="job uploads, state and results; unset means <temp dir>/unet-tile-jobs"
+    )
+    jobs_ttl_s: float = Field(
+        default=86400.0, gt=0, description="finished jobs and results are deleted this long after"
+    )
+    jobs_quota_mb: float = Field(
+        default=20480.0, gt=0, description="most MiB the jobs directory may hold; more gets 507"
+    )
+    jobs_workers: int = Field(default=1, ge=0, description="jobs run at once (0 turns /jobs off)")
+    jobs_max_pixels: int = Field(default=2**34, ge=1, description="most pixels a streamed job's image may declare")
+    stream_above_mb: float = Field(
+        default=256.0, ge=0, description="jobs whose decoded input exceeds this (MB) stream; labels only"
+    )
 
     @property
     def max_upload_bytes(self) -> int:

@@ -1,0 +1,542 @@
+"""Jobs for long runs: an on-disk job store and the worker threads that run it.
+
+A job is a directory ``<jobs dir>/<id>/`` holding ``job.json`` (its state, rewritten
+atomically on every change), ``input.tif`` (the upload, deleted once the job ends) and
+``result.tif`` (the mask). Nothing lives only in memory, so queued jobs and finished
+results survive a restart; a job that was running when the process stopped is queued
+again. Results expire ``ttl_s`` after their job ended, and the whole directory is held
+under a byte quota.
+
+Job ids are ``secrets.token_urlsafe(24)`` (192 random bits, 32 characters of
+``[A-Za-z0-9_-]``) and are checked against :data:`JOB_ID_PATTERN` before they touch a path.
+
+States::
+
+    queued ──> running ──> done
+       │          ├──────> failed
+       └──────────┴──────> cancelled
+
+Errors (the router maps them to HTTP)::
+
+    Exception
+    └── JobError
+        ├── InvalidJobIdError   malformed id              (422)
+        ├── JobNotFoundError    unknown or expired id     (404)
+        ├── JobNotReadyError    no result (yet)           (409)
+        └── QuotaExceededError  the jobs directory is full (507)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .io import read_image, write_tiff_atomic
+from .segmenter import Segmenter
+from .settings import Settings
+from .streaming import DEFAULT_STREAM_ABOVE_MB, segment_file, should_stream
+
+__all__ = [
+    "JOB_ID_PATTERN",
+    "InvalidJobIdError",
+    "JobError",
+    "JobNotFoundError",
+    "JobNotReadyError",
+    "JobOptions",
+    "JobRecord",
+    "JobStore",
+    "JobWorker",
+    "QuotaExceededError",
+    "State",
+    "jobs_dir",
+    "start_jobs",
+]
+
+log = logging.getLogger(__name__)
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{32}$"
+_ID = re.compile(JOB_ID_PATTERN)
+State = Literal["queued", "running", "done", "failed", "cancelled"]
+FINAL_STATES = ("done", "failed", "cancelled")
+_SAVE_EVERY_S = 0.5  # progress is written to disk at most this often
+
+
+class JobError(Exception):
+    """A job request that cannot be served; the message says why."""
+
+
+class InvalidJobIdError(JobError):
+    """The id is not of the form the store hands out."""
+
+
+class JobNotFoundError(JobError):
+    """No such job (never existed, deleted, or expired)."""
+
+
+class JobNotReadyError(JobError):
+    """The job has no result to download (still running, failed or cancelled)."""
+
+
+class QuotaExceededError(JobError):
+    """Storing this upload would take the jobs directory over its quota."""
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What to compute; the same options as ``POST /segment``."""
+
+    output: Literal["labels", "probabilities"] = "labels"
+    tile_size: int = 388
+    pyramid: bool = False
+
+
+@dataclass
+class JobRecord:
+    """Everything about one job, as stored in its ``job.json``."""
+
+    id: str
+    options: JobOptions
+    state: State = "queued"
+    created: float = field(default_factory=time.time)  # Unix times
+    started: float | None = None
+    finished: float | None = None
+    tiles_done: int = 0
+    tiles_total: int = 0
+    image: dict[str, Any] = field(default_factory=dict)  # shape, axes, dtype
+    streamed: bool = False
+    cancel_requested: bool = False
+    error: str | None = None
+    input_bytes: int = 0
+    result_bytes: int = 0
+    attempts: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobRecord:
+        data = dict(data)
+        data["options"] = JobOptions(**data["options"])
+        return cls(**data)
+
+    def expires(self, ttl_s: float) -> float | None:
+        return None if self.finished is None else self.finished + ttl_s
+
+    def public(self, ttl_s: float, now: float | None = None) -> dict[str, Any]:
+        """The state as the API shows it: progress, elapsed time and an ETA.
+
+        >>> r = JobRecord("x" * 32, JobOptions(), state="running", started=100.0, tiles_done=5, tiles_total=20)
+        >>> p = r.public(60, now=110.0)
+        >>> p["progress"], p["elapsed_s"], p["eta_s"]
+        ({'tiles_done': 5, 'tiles_total': 20, 'fraction': 0.25}, 10.0, 30.0)
+        """
+        now = time.time() if now is None else now
+        end = self.finished if self.finished is not None else now
+        elapsed = None if self.started is None else round(end - self.started, 3)
+        eta = None
+        if self.state == "running" and elapsed is not None and self.tiles_done > 0:
+            eta = round(elapsed * (self.tiles_total - self.tiles_done) / self.tiles_done, 3)
+        elif self.state == "done":
+            eta = 0.0
+        fraction = self.tiles_done / self.tiles_total if self.tiles_total else 0.0
+        return {
+            "id": self.id,
+            "url": f"/jobs/{self.id}",
+            "state": self.state,
+            "options": asdict(self.options),
+            "image": self.image,
+            "streamed": self.streamed,
+            "progress": {
+                "tiles_done": self.tiles_done,
+                "tiles_total": self.tiles_total,
+                "fraction": round(fraction, 4),
+            },
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "elapsed_s": elapsed,
+            "eta_s": eta,
+            "cancel_requested": self.cancel_requested,
+            "error": self.error,
+            "result_url": f"/jobs/{self.id}/result" if self.state == "done" else None,
+            "result_bytes": self.result_bytes if self.state == "done" else None,
+            "expires": self.expires(ttl_s),
+        }
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class JobStore:
+    """Jobs on disk under ``root``: one directory per job, state in ``job.json``.
+
+    Every change goes through :meth:`update` (read, modify, write atomically, under one
+    lock), so progress written by a worker never overwrites a cancel request.
+    """
+
+    STATE, INPUT, RESULT = "job.json", "input.tif", "result.tif"
+
+    def __init__(self, root: str | os.PathLike[str], *, ttl_s: float = 86400.0, quota_bytes: int = 20 << 30) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ttl_s = ttl_s
+        self.quota_bytes = quota_bytes
+        self._lock = threading.RLock()
+
+    # ids and paths
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_urlsafe(24)
+
+    @staticmethod
+    def validate_id(job_id: str) -> str:
+        """``job_id`` if it has the form of an id this store hands out, else :class:`InvalidJobIdError`.
+
+        >>> JobStore.validate_id("../../etc/passwd")
+        Traceback (most recent call last):
+        ...
+        service.jobs.InvalidJobIdError: malformed job id; expected 32 characters of A-Z, a-z, 0-9, '_' or '-'
+        """
+        if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
+            raise InvalidJobIdError("malformed job id; expected 32 characters of A-Z, a-z, 0-9, '_' or '-'")
+        return job_id
+
+    def dir(self, job_id: str) -> Path:
+        return self.root / self.validate_id(job_id)
+
+    def input_path(self, job_id: str) -> Path:
+        return self.dir(job_id) / self.INPUT
+
+    def result_path(self, job_id: str) -> Path:
+        return self.dir(job_id) / self.RESULT
+
+    # records
+    def create_dir(self) -> str:
+        """A fresh id with its (empty) directory; the upload goes there before the record."""
+        while True:
+            job_id = self.new_id()
+            with contextlib.suppress(FileExistsError):
+                self.dir(job_id).mkdir()
+                return job_id
+
+    def save(self, record: JobRecord) -> None:
+        with self._lock:
+            _write_json_atomic(self.dir(record.id) / self.STATE, record.to_json())
+
+    def load(self, job_id: str) -> JobRecord:
+        """The job's record; expired jobs are deleted here and reported as not found."""
+        path = self.dir(job_id) / self.STATE
+        try:
+            record = JobRecord.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise JobNotFoundError("no such job (unknown id, deleted, or its result expired)") from None
+        expires = record.expires(self.ttl_s)
+        if expires is not None and expires <= time.time():
+            self.delete(job_id)
+            raise JobNotFoundError("no such job (unknown id, deleted, or its result expired)")
+        return record
+
+    def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
+        with self._lock:
+            record = self.load(job_id)
+            change(record)
+            self.save(record)
+            return record
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            shutil.rmtree(self.dir(job_id), ignore_errors=True)
+
+    def records(self) -> Iterator[JobRecord]:
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and _ID.fullmatch(d.name):
+                with contextlib.suppress(JobNotFoundError, ValueError, TypeError, KeyError):
+                    yield self.load(d.name)
+
+    # housekeeping
+    def usage_bytes(self) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += (Path(dirpath) / name).stat().st_size
+        return total
+
+    def check_quota(self, incoming: int, *, used: int | None = None) -> None:
+        used = self.usage_bytes() if used is None else used
+        if used + incoming > self.quota_bytes:
+            raise QuotaExceededError(
+                f"jobs storage is full: {used / 2**20:,.1f} MiB used + {incoming / 2**20:,.1f} MiB for this upload "
+                f"exceeds the quota of {self.quota_bytes / 2**20:,.0f} MiB (UNET_JOBS_QUOTA_MB); "
+                "download and DELETE finished jobs, or retry later"
+            )
+
+    def expire(self) -> int:
+        """Delete finished jobs past their expiry (and uploads that never became jobs)."""
+        removed = 0
+        now = time.time()
+        for d in list(self.root.iterdir()):
+            if not (d.is_dir() and _ID.fullmatch(d.name)):
+                continue
+            state = d / self.STATE
+            if not state.exists():
+                # an upload in progress has no record yet; one older than an hour was abandoned
+                with contextlib.suppress(FileNotFoundError):
+                    if now - d.stat().st_mtime > 3600:
+                        self.delete(d.name)
+                        removed += 1
+                continue
+            try:
+                self.load(d.name)
+            except JobNotFoundError:
+                removed += 1
+            except (ValueError, TypeError, KeyError):
+                log.warning("unreadable job record in %s; left alone", d.name)
+        return removed
+
+    def recover(self) -> list[str]:
+        """After a restart: jobs that were running are queued again. Returns their ids."""
+        requeued = []
+        for record in self.records():
+            if record.state == "running":
+
+                def requeue(r: JobRecord) -> None:
+                    r.state, r.tiles_done, r.started = "queued", 0, None
+
+                self.update(record.id, requeue)
+                requeued.append(record.id)
+        return requeued
+
+
+class _StopRun(Exception):  # noqa: N818  (control flow, not an error)
+    """Raised from the progress callback to abort a run (cancel or shutdown)."""
+
+
+class JobWorker:
+    """Runs queued jobs on ``workers`` threads with one shared :class:`Segmenter`.
+
+    Inputs above ``stream_above_mb`` (decoded), and pyramids, take the streamed path
+    (:func:`service.streaming.segment_file`); others the in-memory path. Cancellation and
+    shutdown raise from the engine's progress callback, so a run stops at its next batch.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        segmenter: Segmenter,
+        *,
+        workers: int = 1,
+        stream_above_mb: float = DEFAULT_STREAM_ABOVE_MB,
+        max_pixels: int | None = None,
+        housekeeping_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.segmenter = segmenter
+        self.workers = workers
+        self.stream_above_mb = stream_above_mb
+        self.max_pixels = max_pixels
+        self.housekeeping_s = housekeeping_s
+        self._wake = threading.Condition()
+        self._stopping = threading.Event()
+        self._cancel: set[str] = set()
+        self._claim_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    # lifecycle
+    def start(self) -> None:
+        requeued = self.store.recover()
+        if requeued:
+            log.info("re-queued %d job(s) interrupted by the last shutdown", len(requeued))
+        self.store.expire()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._loop, name=f"job-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs; a running job stops at its next batch and is queued again."""
+        self._stopping.set()
+        self.notify()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    # requests
+    def submit(self, record: JobRecord) -> None:
+        record.state = "queued"
+        self.store.save(record)
+        self.notify()
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued or running job; a finished one is returned unchanged."""
+        with self._claim_lock:
+            record = self.store.load(job_id)
+            if record.state == "queued":
+
+                def cancelled(r: JobRecord) -> None:
+                    r.state, r.finished, r.cancel_requested = "cancelled", time.time(), True
+
+                record = self.store.update(job_id, cancelled)
+                self.store.input_path(job_id).unlink(missing_ok=True)
+            elif record.state == "running":
+                self._cancel.add(job_id)
+                record = self.store.update(job_id, lambda r: setattr(r, "cancel_requested", True))
+        return record
+
+    # the loop
+    def _claim(self) -> JobRecord | None:
+        with self._claim_lock:
+            queued = sorted((r for r in self.store.records() if r.state == "queued"), key=lambda r: r.created)
+            if not queued:
+                return None
+
+            def running(r: JobRecord) -> None:
+                r.state, r.started, r.tiles_done, r.attempts = "running", time.time(), 0, r.attempts + 1
+
+            return self.store.update(queued[0].id, running)
+
+    def _loop(self) -> None:
+        last_housekeeping = 0.0
+        while not self._stopping.is_set():
+            if time.monotonic() - last_housekeeping > self.housekeeping_s:
+                last_housekeeping = time.monotonic()
+                try:
+                    self.store.expire()
+                except OSError as e:
+                    log.warning("job housekeeping failed: %s", e)
+            record = None
+            try:
+                record = self._claim()
+            except Exception:
+                log.exception("cannot read the job queue")
+            if record is None:
+                with self._wake:
+                    self._wake.wait(timeout=min(1.0, self.housekeeping_s))
+                continue
+            self._run(record)
+
+    def _run(self, record: JobRecord) -> None:
+        job_id, store = record.id, self.store
+        done, last_save = 0, time.monotonic()
+        log.info("job %s started (%d tiles)", job_id, record.tiles_total)
+
+        def progress(n: int) -> None:
+            nonlocal done, last_save
+            done += n
+            if job_id in self._cancel or self._stopping.is_set():
+                raise _StopRun
+            if time.monotonic() - last_save >= _SAVE_EVERY_S:
+                last_save = time.monotonic()
+                store.update(job_id, lambda r: setattr(r, "tiles_done", done))
+
+        try:
+            self._segment(record, progress)
+        except _StopRun:
+            if self._stopping.is_set() and job_id not in self._cancel:
+
+                def requeue(r: JobRecord) -> None:
+                    r.state, r.tiles_done, r.started = "queued", 0, None
+
+                store.update(job_id, requeue)
+                log.info("job %s interrupted by shutdown; queued again", job_id)
+                return
+            self._finish(job_id, "cancelled", tiles_done=done)
+            log.info("job %s cancelled after %d/%d tiles", job_id, done, record.tiles_total)
+        except (ValueError, LookupError) as e:  # InputError, UNetError, TilingError: the input's fault
+            self._finish(job_id, "failed", error=str(e), tiles_done=done)
+            log.info("job %s failed: %s", job_id, e)
+        except Exception:
+            log.exception("job %s failed unexpectedly", job_id)
+            self._finish(job_id, "failed", error="internal error while segmenting", tiles_done=done)
+        else:
+            size = store.result_path(job_id).stat().st_size
+            self._finish(job_id, "done", tiles_done=done, result_bytes=size)
+            log.info("job %s done", job_id)
+        finally:
+            self._cancel.discard(job_id)
+
+    def _finish(
+        self, job_id: str, state: State, *, tiles_done: int, error: str | None = None, result_bytes: int = 0
+    ) -> None:
+        def change(r: JobRecord) -> None:
+            r.state, r.finished, r.tiles_done, r.error, r.result_bytes = (
+                state,
+                time.time(),
+                tiles_done,
+                error,
+                result_bytes,
+            )
+
+        with contextlib.suppress(JobNotFoundError):  # deleted meanwhile
+            self.store.update(job_id, change)
+        self.store.input_path(job_id).unlink(missing_ok=True)
+
+    def _segment(self, record: JobRecord, progress: Callable[[int], None]) -> None:
+        src, dst = self.store.input_path(record.id), self.store.result_path(record.id)
+        opts = record.options
+        if record.streamed:
+            segment_file(
+                self.segmenter,
+                src,
+                dst,
+                tile_size=opts.tile_size,
+                pyramid=opts.pyramid,
+                max_pixels=self.max_pixels,
+                progress=progress,
+            )
+            return
+        image = read_image(src, max_pixels=self.max_pixels)
+        result = self.segmenter.segment(image, output=opts.output, tile_size=opts.tile_size, progress=progress)
+        write_tiff_atomic(dst, image.header, result)
+
+    def decide_streamed(self, header: Any, options: JobOptions) -> bool:
+        return should_stream(header, self.stream_above_mb, output=options.output, pyramid=options.pyramid)
+
+
+def jobs_dir(settings: Settings) -> Path:
+    """``UNET_JOBS_DIR``, or ``<temp dir>/unet-tile-jobs``."""
+    return settings.jobs_dir or Path(tempfile.gettempdir()) / "unet-tile-jobs"
+
+
+def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker | None:
+    """The app's job worker, started (``None`` when ``UNET_JOBS_WORKERS=0``)."""
+    if settings.jobs_workers == 0:
+        return None
+    store = JobStore(jobs_dir(settings), ttl_s=settings.jobs_ttl_s, quota_bytes=int(settings.jobs_quota_mb * 2**20))
+    worker = JobWorker(
+        store,
+        segmenter,
+        workers=settings.jobs_workers,
+        stream_above_mb=settings.stream_above_mb,
+        max_pixels=settings.jobs_max_pixels,
+        housekeeping_s=min(30.0, max(settings.jobs_ttl_s / 4, 0.5)),
+    )
+    worker.start()
+    log.info("job worker started: %d thread(s), storage %s", settings.jobs_workers, store.root)
+    return worker
