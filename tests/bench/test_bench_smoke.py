@@ -1,0 +1,68 @@
+"""A tiny-image run of the whole bench: every row runs and the table holds sane values.
+
+Timings are never asserted (benchmarks are not tests); what is checked is that each row
+produced a positive throughput and a plausible peak RSS, that the CLI and HTTP rows give
+exactly the engine's labels, and that the report has its ratios and agreement figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench.baselines
+from bench.run import TARGETS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bench_runs_every_row_on_a_tiny_image(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "bench", "--size", "200", "--checkpoint", str(tiny_checkpoint)]
+    cmd += ["--precisions", "fp32", "--rows", "ceiling,engine,cli,http,naive,monai,agreement"]
+    cmd += ["--batches", "1,2", "--search-seconds", "0", "--demo-size", "64", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+
+    expected = {"ceiling fp32", "engine fp32", "cli fp32", "http fp32", "naive fp32", "monai fp32", "agreement"}
+    assert set(rows) == expected
+    assert not [name for name, r in rows.items() if "error" in r], rows
+    if bench.baselines.monai_available():
+        assert "seconds" in rows["monai fp32"]
+    else:
+        assert "MONAI" in rows["monai fp32"]["skipped"]
+
+    timed = {name: r for name, r in rows.items() if "seconds" in r}
+    assert {"ceiling fp32", "engine fp32", "cli fp32", "http fp32", "naive fp32"} <= set(timed)
+    for name, r in timed.items():
+        assert r["seconds"] > 0 and r["mpx_per_s"] > 0, name
+        assert r["mpx_per_s"] == pytest.approx(200 * 200 / 1e6 / r["seconds"]), name
+        assert 30 < r["peak_rss_mb"] < 8192, (name, r["peak_rss_mb"])
+    assert rows["ceiling fp32"]["tiles"] == rows["engine fp32"]["tiles"] == 1
+    assert rows["ceiling fp32"]["config"].endswith(("batch 1", "batch 2"))
+
+    # the same engine behind the CLI and HTTP: the very same labels
+    for name in ("engine fp32", "cli fp32", "http fp32"):
+        assert rows[name]["agrees_with_engine_fp32"] == 1.0, name
+    assert rows["naive fp32"]["agrees_with_engine_fp32"] > 0.99  # same weights; float order differs
+
+    assert 0.0 <= rows["agreement"]["agreement"]["bf16"] <= 1.0
+    assert rows["agreement"]["pixels"] == 4 * 64 * 64
+
+    goals = {q["goal"] for q in report["ratios"].values()}
+    assert {"engine / ceiling (same precision)", "http / ceiling (same precision)", "engine / naive"} <= goals
+    assert goals <= set(TARGETS)
+    for q in report["ratios"].values():
+        assert q["value"] > 0 and q["met"] == (q["value"] >= q["target"])
+
+    table = proc.stdout
+    assert "| row | precision | Mpx/s |" in table
+    for name in timed:
+        assert f"| {name} |" in table
