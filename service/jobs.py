@@ -29,6 +29,7 @@ Errors (the router maps them to HTTP)::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -363,9 +364,17 @@ class JobWorker:
         self._cancel: set[str] = set()
         self._claim_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._lock_file: Any = None
 
     # lifecycle
     def start(self) -> None:
+        """Take the jobs directory (one worker process per directory), re-queue, start threads."""
+        self._lock_file = open(self.store.root / ".lock", "a")  # noqa: SIM115  (held until stop())
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise JobError(f"jobs directory {self.store.root} is in use by another server process") from None
         requeued = self.store.recover()
         if requeued:
             log.info("re-queued %d job(s) interrupted by the last shutdown", len(requeued))
@@ -382,6 +391,9 @@ class JobWorker:
         for t in self._threads:
             t.join(timeout)
         self._threads.clear()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the directory
+            self._lock_file = None
 
     def notify(self) -> None:
         with self._wake:
@@ -537,6 +549,10 @@ def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker | None:
         max_pixels=settings.jobs_max_pixels,
         housekeeping_s=min(30.0, max(settings.jobs_ttl_s / 4, 0.5)),
     )
-    worker.start()
+    try:
+        worker.start()
+    except JobError as e:
+        log.error("/jobs disabled: %s", e)
+        return None
     log.info("job worker started: %d thread(s), storage %s", settings.jobs_workers, store.root)
     return worker
