@@ -1,0 +1,360 @@
+"""``unet-tile synth``, ``train`` and ``evaluate``: make data, train a model, measure it.
+
+* ``synth -o DIR --n N``: synthetic fluorescence-nuclei images (:mod:`unet.synth`) as
+  ``DIR/images/synth_0000.tif`` with instance masks ``DIR/masks/synth_0000.tif``.
+* ``train --images DIR --masks DIR -o model.safetensors``: trains on image/mask TIFF
+  pairs matched by file name (:mod:`unet.training`), writes the self-describing
+  checkpoint with the normalization it trained with and its provenance in ``info``.
+* ``evaluate --images DIR --masks DIR``: foreground Dice and IoU per image and overall,
+  segmenting through :class:`~service.segmenter.Segmenter`, the same engine as serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tifffile
+import torch
+
+from unet import Checkpoint, Normalization, UNet, UNetConfig, geometry, save_checkpoint
+from unet.synth import synth_image
+from unet.training import TrainConfig, prepare_data, train
+
+from .cli import add_model_options, load_segmenter, positive_int
+from .errors import InputError
+from .evaluate import Overlap, overlap
+from .io import read_image
+from .segmenter import Segmenter
+
+__all__ = ["Pair", "evaluate_pairs", "find_pairs", "register"]
+
+log = logging.getLogger(__name__)
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+CLASS_NAMES = ("background", "nucleus")
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    image: Path
+    mask: Path
+
+
+def find_pairs(images: Path, masks: Path) -> list[Pair]:
+    """Image and mask TIFFs matched by file name (stem); every image needs its mask."""
+    for label, d in (("images", images), ("masks", masks)):
+        if not d.is_dir():
+            raise InputError(f"{label} directory not found: {d}")
+    found = {p.stem: p for p in sorted(images.iterdir()) if p.suffix.lower() in _TIFF_SUFFIXES}
+    mask_files = {p.stem: p for p in sorted(masks.iterdir()) if p.suffix.lower() in _TIFF_SUFFIXES}
+    if not found:
+        raise InputError(f"no .tif/.tiff images in {images}")
+    missing = sorted(set(found) - set(mask_files))
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise InputError(
+            f"no mask in {masks} for image(s) {', '.join(missing[:3])}{more}; masks share the image's name"
+        )
+    return [Pair(stem, found[stem], mask_files[stem]) for stem in sorted(found)]
+
+
+def _planes(pair: Pair) -> tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]:
+    """The (C, Y, X) planes of an image and the (Y, X) planes of its mask, checked to match."""
+    image = read_image(pair.image)
+    mask = read_image(pair.mask)
+    if mask.header.channels != 1:
+        raise InputError(f"{pair.mask}: a mask must have one channel, got {mask.header.channels}")
+    if mask.planes.shape[0] != image.planes.shape[0] or mask.planes.shape[-2:] != image.planes.shape[-2:]:
+        raise InputError(
+            f"{pair.name}: mask of shape {mask.header.shape} does not match image of shape {image.header.shape}"
+        )
+    if mask.planes.dtype.kind not in "biu":
+        raise InputError(f"{pair.mask}: a mask must hold integer labels, got {mask.planes.dtype}")
+    return list(image.planes), [m[0] for m in mask.planes]
+
+
+def evaluate_pairs(segmenter: Segmenter, pairs: Sequence[Pair], *, tile_size: int = 388) -> list[tuple[str, Overlap]]:
+    """Per image: the overlap of the model's foreground classes with the mask's non-zero pixels."""
+    fg = np.asarray(segmenter.checkpoint.foreground)
+    results = []
+    for pair in pairs:
+        image = read_image(pair.image)
+        _, masks = _planes(pair)
+        labels = segmenter.segment(image, output="labels", tile_size=tile_size)
+        total = Overlap(0, 0, 0)
+        for pred, truth in zip(labels, masks, strict=True):
+            total = total + overlap(np.isin(pred, fg), truth)
+        results.append((pair.name, total))
+    return results
+
+
+def _summary(results: Sequence[tuple[str, Overlap]]) -> dict[str, float]:
+    pooled = sum((o for _, o in results), Overlap(0, 0, 0))
+    return {
+        "dice": pooled.dice,
+        "iou": pooled.iou,
+        "mean_dice": float(np.mean([o.dice for _, o in results])),
+        "mean_iou": float(np.mean([o.iou for _, o in results])),
+        "images": float(len(results)),
+    }
+
+
+# --- synth -----------------------------------------------------------------------------
+
+
+def _write_tiff_atomic(path: Path, data: npt.NDArray[Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, data, compression="zlib", metadata={"axes": "YX"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a data set is for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _synth(args: argparse.Namespace) -> int:
+    out: Path = args.output
+    images, masks = out / "images", out / "masks"
+    for d in (images, masks):
+        if d.exists() and any(d.iterdir()):
+            raise InputError(f"{d} is not empty; synth writes a fresh set (choose another -o)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output exists and is not a directory: {out}")
+    size = args.size * 2 if len(args.size) == 1 else args.size
+    if len(size) != 2 or min(size) < 8:
+        raise InputError(f"--size takes one or two integers >= 8 (height [width]), got {args.size}")
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    dtype = None if args.dtype == "random" else args.dtype
+    t0 = time.perf_counter()
+    for i in range(args.n):
+        sample = synth_image(np.random.default_rng([args.seed, i]), (size[0], size[1]), dtype=dtype)
+        name = f"synth_{i:04d}.tif"
+        _write_tiff_atomic(images / name, sample.image)
+        _write_tiff_atomic(masks / name, sample.labels)
+        if not args.quiet and ((i + 1) % 50 == 0 or i + 1 == args.n):
+            print(f"synth: {i + 1}/{args.n} images ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
+# --- train -----------------------------------------------------------------------------
+
+
+def _load_training_set(images: Path, masks: Path) -> tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]:
+    xs, ys = [], []
+    for pair in find_pairs(images, masks):
+        planes, labels = _planes(pair)
+        xs.extend(planes)
+        ys.extend(labels)
+    return xs, ys
+
+
+def _train_command(args: argparse.Namespace) -> str:
+    """The fully explicit command line that reproduces this run."""
+    parts = [
+        "unet-tile", "train", "--images", str(args.images), "--masks", str(args.masks), "-o", str(args.output),
+        "--seed", str(args.seed), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+        "--patch-size", str(args.patch_size), "--base-width", str(args.base_width), "--depth", str(args.depth),
+        "--lr", str(args.lr), "--w0", str(args.w0), "--sigma", str(args.sigma), "--ema-decay", str(args.ema_decay),
+        "--bf16" if args.bf16 else "--no-bf16",
+    ]  # fmt: skip
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    if args.val_images is not None:
+        parts += ["--val-images", str(args.val_images), "--val-masks", str(args.val_masks)]
+    return shlex.join(parts)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if not args.output.parent.is_dir():
+        raise InputError(f"output directory does not exist: {args.output.parent}")
+    if (args.val_images is None) != (args.val_masks is None):
+        raise InputError("--val-images and --val-masks go together")
+    geometry.check_input_size(args.patch_size, args.depth)
+    val_pairs = find_pairs(args.val_images, args.val_masks) if args.val_images is not None else []
+    images, masks = _load_training_set(args.images, args.masks)
+    channels = images[0].shape[0]
+    normalization = Normalization()  # per-image percentiles 1 - 99.8: what serving applies too
+    t0 = time.perf_counter()
+    data = prepare_data(images, masks, normalization, w0=args.w0, sigma=args.sigma)
+    del images, masks
+    log.info("prepared %d training planes in %.1f s", len(data), time.perf_counter() - t0)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        patch_size=args.patch_size,
+        lr=args.lr,
+        ema_decay=args.ema_decay,
+        w0=args.w0,
+        sigma=args.sigma,
+        seed=args.seed,
+        save_every=args.save_every,
+        bf16=args.bf16,
+    )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = UNet(UNetConfig(in_channels=channels, num_classes=2, depth=args.depth, base_width=args.base_width))
+    state = args.state or args.output.with_name(args.output.name + ".state.pt")
+    started = time.perf_counter()
+    first_step = [0]
+    if args.resume and state.is_file():
+        first_step[0] = int(torch.load(state, map_location="cpu", weights_only=True)["step"])
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if args.quiet or (step % args.log_every and step != total):
+            return
+        now = time.perf_counter()
+        rate = (now - started) / max(step - first_step[0], 1)
+        print(
+            f"train: step {step}/{total} loss {loss:.4f} ({rate:.2f} s/step, eta {rate * (total - step) / 60:.1f} min)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    result = train(model, data, config, state_path=state, resume=args.resume, progress=progress)
+    info: dict[str, Any] = {
+        "command": _train_command(args),
+        "seed": args.seed,
+        "wall_time_s": round(result.wall_s, 1),
+        "steps": result.steps,
+        "final_loss": round(float(np.mean(result.losses[-50:])), 5) if result.losses else None,
+        "train": config.to_dict(),
+        "data": {
+            "images": str(args.images),
+            "masks": str(args.masks),
+            "planes": len(data),
+            "fingerprint": data.fingerprint,
+        },
+        "weights": "EMA of the training weights",
+        "software": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+    if val_pairs:
+        ck = Checkpoint(result.model, normalization, CLASS_NAMES, (1,), sha256="")
+        scores = _summary(evaluate_pairs(Segmenter(ck, device="cpu", batch_size=2), val_pairs))
+        info["held_out"] = {"images": str(args.val_images), **{k: round(v, 4) for k, v in scores.items()}}
+        print(
+            f"train: held-out Dice {scores['dice']:.4f} IoU {scores['iou']:.4f} on {len(val_pairs)} images",
+            file=sys.stderr,
+        )
+    sha = save_checkpoint(
+        args.output,
+        result.model,
+        normalization=normalization,
+        class_names=CLASS_NAMES,
+        foreground=(1,),
+        info=info,
+        weights_dtype=args.weights_dtype,
+    )
+    print(f"train: wrote {args.output} (sha256 {sha}) after {result.wall_s / 60:.1f} min", file=sys.stderr)
+    return 0
+
+
+# --- evaluate --------------------------------------------------------------------------
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    pairs = find_pairs(args.images, args.masks)
+    segmenter = load_segmenter(args)
+    results = evaluate_pairs(segmenter, pairs, tile_size=args.tile_size)
+    width = max(len(name) for name, _ in results)
+    print(f"{'image':<{width}}  dice    iou")
+    for name, o in results:
+        print(f"{name:<{width}}  {o.dice:.4f}  {o.iou:.4f}")
+    s = _summary(results)
+    print(f"{'overall':<{width}}  {s['dice']:.4f}  {s['iou']:.4f}  (pooled over all pixels)")
+    print(f"{'mean':<{width}}  {s['mean_dice']:.4f}  {s['mean_iou']:.4f}  (mean over {len(results)} images)")
+    return 0
+
+
+# --- registration ----------------------------------------------------------------------
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _pos_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("synth", help="write synthetic fluorescence-nuclei images and masks")
+    p.add_argument("-o", "--output", type=Path, required=True, help="directory; gets images/ and masks/")
+    p.add_argument("--n", type=positive_int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); image i uses stream (seed, i)")
+    p.add_argument("--size", type=positive_int, nargs="+", default=[384], help="height [width] (default 384)")
+    p.add_argument(
+        "--dtype", choices=["random", "uint8", "uint16"], default="random", help="pixel type (default: half each)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("train", help="train a U-Net on image/mask TIFF pairs")
+    p.add_argument("--images", type=Path, required=True, help="directory of image TIFFs")
+    p.add_argument("--masks", type=Path, required=True, help="directory of mask TIFFs (same names; 0 = background)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=1200)
+    p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument("--patch-size", type=positive_int, default=380, help="input patch side, a valid size (default 380)")
+    p.add_argument("--base-width", type=positive_int, default=16)
+    p.add_argument("--depth", type=positive_int, default=4)
+    p.add_argument("--lr", type=_pos_float, default=1e-3)
+    p.add_argument("--w0", type=_nonneg_float, default=10.0, help="border weight amplitude (paper: 10; 0 = off)")
+    p.add_argument("--sigma", type=_pos_float, default=5.0, help="border weight width in px (paper: 5)")
+    p.add_argument("--ema-decay", type=_nonneg_float, default=0.998)
+    p.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast (faster on AMX CPUs)"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads (default: torch's; 1 is best on a busy machine)"
+    )
+    p.add_argument(
+        "--weights-dtype", choices=["float32", "float16"], default="float16", help="stored weights (default float16)"
+    )
+    p.add_argument(
+        "--val-images", type=Path, default=None, help="held-out images: Dice goes into the checkpoint's info"
+    )
+    p.add_argument("--val-masks", type=Path, default=None)
+    p.add_argument("--state", type=Path, default=None, help="resumable state file (default: OUTPUT.state.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from the state file")
+    p.add_argument("--save-every", type=positive_int, default=50, help="steps between state-file writes")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between progress lines")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="foreground Dice and IoU of a model on image/mask pairs")
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--masks", type=Path, required=True)
+    p.add_argument("--tile-size", type=positive_int, default=388)
+    add_model_options(p)
+    p.set_defaults(func=_evaluate)

@@ -1,0 +1,150 @@
+"""``unet-tile synth``, ``train`` and ``evaluate`` end to end on tiny data, and their refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+import unet
+from service.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    """``train --threads`` sets torch's thread count for the process; give it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "set"
+    assert main(["synth", "-o", str(out), "--n", "3", "--size", "64", "80", "--seed", "4", "-q"]) == 0
+    return out
+
+
+TRAIN_TINY = ["--steps", "3", "--base-width", "2", "--patch-size", "188", "--batch-size", "1", "--threads", "1", "-q"]
+
+
+def test_synth_writes_matching_image_and_mask_pairs(dataset: Path) -> None:
+    images = sorted((dataset / "images").iterdir())
+    masks = sorted((dataset / "masks").iterdir())
+    assert [p.name for p in images] == [p.name for p in masks] == ["synth_0000.tif", "synth_0001.tif", "synth_0002.tif"]
+    for image, mask in zip(images, masks, strict=True):
+        img, lab = tifffile.imread(image), tifffile.imread(mask)
+        assert img.shape == lab.shape == (64, 80)
+        assert img.dtype in (np.uint8, np.uint16) and lab.dtype == np.uint16
+
+
+def test_synth_is_reproducible(dataset: Path, tmp_path: Path) -> None:
+    assert main(["synth", "-o", str(tmp_path / "again"), "--n", "2", "--size", "64", "80", "--seed", "4", "-q"]) == 0
+    for name in ("synth_0000.tif", "synth_0001.tif"):
+        a = tifffile.imread(dataset / "images" / name)
+        assert np.array_equal(a, tifffile.imread(tmp_path / "again" / "images" / name))
+
+
+def test_train_then_evaluate(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.safetensors"
+    imgs, masks = str(dataset / "images"), str(dataset / "masks")
+    argv = ["train", "--images", imgs, "--masks", masks, "-o", str(out), "--seed", "5", *TRAIN_TINY]
+    assert main([*argv, "--val-images", imgs, "--val-masks", masks]) == 0
+    ck = unet.load_checkpoint(out)
+    assert ck.config == unet.UNetConfig(base_width=2)
+    assert ck.class_names == ("background", "nucleus") and ck.foreground == (1,)
+    assert ck.normalization == unet.Normalization(method="percentile", low=1.0, high=99.8)
+    info = ck.info
+    assert info["seed"] == 5 and info["steps"] == 3 and info["wall_time_s"] >= 0
+    assert info["command"].startswith("unet-tile train --images ") and "--seed 5" in info["command"]
+    assert 0.0 <= info["held_out"]["dice"] <= 1.0 and info["data"]["planes"] == 3
+    assert (tmp_path / "m.safetensors.state.pt").is_file()
+
+    capsys.readouterr()
+    assert main(["evaluate", "--images", imgs, "--masks", masks, "--checkpoint", str(out), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["image", "dice", "iou"]
+    assert [line.split()[0] for line in lines[1:4]] == ["synth_0000", "synth_0001", "synth_0002"]
+    overall = lines[4].split()
+    assert overall[0] == "overall"
+    assert float(overall[1]) == pytest.approx(info["held_out"]["dice"], abs=1e-4)  # same engine, same numbers
+
+
+def test_evaluate_scores_a_perfect_model_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint whose network outputs 'nucleus' where the input is bright: Dice 1 on a clean mask."""
+    torch.manual_seed(0)
+    model = unet.UNet(unet.UNetConfig(base_width=2, batch_norm=False))
+    with torch.no_grad():  # every layer passes the (centre) input through: channel 0 of each conv
+        for p in model.parameters():
+            p.zero_()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+                m.weight[0, 0, 1, 1] = 1.0
+            if isinstance(m, torch.nn.ConvTranspose2d):
+                m.weight[0, 0] = 1.0
+        model.head.weight[1, 0, 0, 0] = 1.0
+        model.head.bias[1] = -0.5
+    unet.save_checkpoint(tmp_path / "thr.safetensors", model, class_names=["background", "nucleus"])
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    mask = np.zeros((40, 50), np.uint16)
+    mask[5:15, 5:20] = 1
+    mask[25:35, 30:45] = 2
+    tifffile.imwrite(tmp_path / "i" / "a.tif", (mask > 0).astype(np.uint8) * 200 + 10)
+    tifffile.imwrite(tmp_path / "m" / "a.tif", mask)
+    argv = ["evaluate", "--images", str(tmp_path / "i"), "--masks", str(tmp_path / "m")]
+    assert main([*argv, "--checkpoint", str(tmp_path / "thr.safetensors"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out
+    assert out.splitlines()[1].split() == ["a", "1.0000", "1.0000"]
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unet-tile: error: ")
+    return err[0]
+
+
+def test_train_refuses_bad_input_and_writes_nothing(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.safetensors"
+    imgs, masks = str(dataset / "images"), str(dataset / "masks")
+    base = ["train", "-o", str(out), *TRAIN_TINY]
+    assert main([*base, "--images", str(tmp_path / "nope"), "--masks", masks]) == 2
+    assert "images directory not found" in _error_line(capsys)
+    assert main([*base, "--images", imgs, "--masks", masks, "--patch-size", "200"]) == 2
+    assert "nearest valid sizes: 188 or 204" in _error_line(capsys)
+    assert main([*base, "--images", imgs, "--masks", masks, "--val-images", imgs]) == 2
+    assert "go together" in _error_line(capsys)
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    tifffile.imwrite(lonely / "x.tif", np.zeros((30, 30), np.uint8))
+    assert main([*base, "--images", str(lonely), "--masks", masks]) == 2
+    assert "no mask" in _error_line(capsys)
+    assert not out.exists() and not list(tmp_path.glob("m.safetensors*"))
+
+
+def test_evaluate_refuses_mismatched_pairs_and_missing_checkpoint(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
+) -> None:
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    tifffile.imwrite(tmp_path / "i" / "a.tif", np.zeros((30, 30), np.uint8))
+    tifffile.imwrite(tmp_path / "m" / "a.tif", np.zeros((30, 31), np.uint8))
+    argv = ["evaluate", "--images", str(tmp_path / "i"), "--masks", str(tmp_path / "m"), "--device", "cpu"]
+    assert main([*argv, "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "does not match image" in _error_line(capsys)
+    assert main([*argv, "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+    assert "checkpoint not found" in _error_line(capsys)
+
+
+def test_synth_refuses_a_used_directory(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted(p.name for p in (dataset / "images").iterdir())
+    assert main(["synth", "-o", str(dataset), "--n", "1", "-q"]) == 2
+    assert "is not empty" in _error_line(capsys)
+    assert sorted(p.name for p in (dataset / "images").iterdir()) == before

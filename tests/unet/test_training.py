@@ -1,0 +1,115 @@
+"""Training: loss goes down, runs are deterministic and resumable, checkpoints round-trip."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiling
+import unet
+from unet import Normalization, UNet, UNetConfig, UNetError
+from unet.losses import weighted_cross_entropy
+from unet.synth import synth_set
+from unet.training import TrainConfig, TrainingData, prepare_data, sample_batch, train
+
+PATCH = 220  # valid for depth 4: output 36
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (and far faster than two on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data() -> TrainingData:
+    samples = synth_set(4, seed=0, shape=(96, 96))
+    return prepare_data([s.image for s in samples], [s.labels for s in samples], Normalization())
+
+
+def _model(seed: int = 0, width: int = 4) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(UNetConfig(base_width=width))
+
+
+def _eval_loss(model: UNet, data: TrainingData) -> float:
+    x, y, w = sample_batch(data, np.random.default_rng(123), TrainConfig(batch_size=4, patch_size=PATCH), 4)
+    model.eval()
+    with torch.no_grad():
+        return float(weighted_cross_entropy(model(x), y, w))
+
+
+def test_batches_are_valid_size_patches_with_cropped_targets(data: TrainingData) -> None:
+    x, y, w = sample_batch(data, np.random.default_rng(0), TrainConfig(batch_size=3, patch_size=PATCH), 4)
+    assert x.shape == (3, 1, PATCH, PATCH) and x.dtype == torch.float32
+    out = unet.geometry.output_size(PATCH, 4)
+    assert y.shape == w.shape == (3, out, out) and y.dtype == torch.int64
+    assert set(y.unique().tolist()) <= {0, 1} and float(w.min()) > 0
+
+
+def test_a_few_steps_reduce_the_loss(data: TrainingData) -> None:
+    model = _model()
+    before = _eval_loss(model, data)
+    result = train(model, data, TrainConfig(steps=25, batch_size=2, patch_size=PATCH, lr=3e-3, warmup=3))
+    assert len(result.losses) == 25
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    assert _eval_loss(result.model, data) < before
+
+
+def test_runs_are_deterministic_and_resume_exactly(data: TrainingData, tmp_path: Path) -> None:
+    config = TrainConfig(steps=4, batch_size=1, patch_size=PATCH, save_every=2, seed=3)
+    straight = train(_model(), data, config)
+
+    class StopError(Exception):
+        pass
+
+    def stop_after_two(step: int, total: int, loss: float) -> None:
+        if step == 3:
+            raise StopError
+
+    state = tmp_path / "run.state.pt"
+    with pytest.raises(StopError):
+        train(_model(), data, config, state_path=state, progress=stop_after_two)
+    assert state.is_file()
+    resumed = train(_model(seed=99), data, config, state_path=state, resume=True)
+    assert resumed.losses == straight.losses
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_resume_refuses_another_configuration(data: TrainingData, tmp_path: Path) -> None:
+    state = tmp_path / "s.pt"
+    train(_model(), data, TrainConfig(steps=1, batch_size=1, patch_size=PATCH), state_path=state)
+    with pytest.raises(UNetError, match="another model, configuration or data set"):
+        train(_model(), data, TrainConfig(steps=2, batch_size=1, patch_size=PATCH), state_path=state, resume=True)
+    with pytest.raises(UNetError, match="no training state"):
+        train(_model(), data, TrainConfig(steps=1, patch_size=PATCH), state_path=tmp_path / "none.pt", resume=True)
+
+
+def test_invalid_patch_size_is_refused(data: TrainingData) -> None:
+    with pytest.raises(unet.GeometryError, match="nearest valid sizes: 204 or 220"):
+        train(_model(), data, TrainConfig(steps=1, patch_size=210))
+
+
+def test_train_save_load_segment_round_trip(data: TrainingData, tmp_path: Path) -> None:
+    result = train(_model(width=2), data, TrainConfig(steps=3, batch_size=1, patch_size=PATCH))
+    path = tmp_path / "m.safetensors"
+    norm = Normalization()
+    unet.save_checkpoint(
+        path, result.model, normalization=norm, class_names=["background", "nucleus"], info={"seed": 0}
+    )
+    ck = unet.load_checkpoint(path)
+    assert ck.normalization == norm and ck.class_names == ("background", "nucleus") and ck.info == {"seed": 0}
+    image = synth_set(1, seed=9, shape=(70, 90))[0].image
+    affine = norm.fit(image[np.newaxis])
+    loaded = tiling.segment(image, ck.model, normalize=affine, output="probabilities")
+    trained = tiling.segment(image, result.model, normalize=affine, output="probabilities")
+    assert loaded.shape == (2, 70, 90)
+    assert np.allclose(loaded, trained, atol=1e-5)
