@@ -1,0 +1,105 @@
+"""The predictor's speed paths keep results exact: folded batch norm, micro-batches,
+out-of-memory back-off, staged inputs, and batch sizes chosen by the predictor."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tiling
+from tests.conftest import make_model
+from tiling.predictor import fold_batch_norm
+
+
+def _batch(n: int, size: int = 572, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 1, size, size)).astype(np.float32)
+
+
+def test_folded_batch_norm_computes_the_same_function_and_leaves_the_model_alone() -> None:
+    model = make_model(base_width=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 18  # 9 double convs, untouched
+    x = torch.from_numpy(_batch(1, 188))
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_predictor_does_not_change_the_callers_module() -> None:
+    model = make_model(base_width=2)
+    tiling.TorchPredictor(model, precision="fp32")
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(p.is_contiguous() for p in model.parameters())  # not switched to channels-last in place
+
+
+class _RefusesLargeBatches(nn.Module):
+    """A real network that raises CUDA's out-of-memory error above ``limit`` tiles per pass."""
+
+    def __init__(self, net: nn.Module, limit: int, error: type[RuntimeError] = torch.cuda.OutOfMemoryError) -> None:
+        super().__init__()
+        self.net, self.limit, self.error = net, limit, error
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_labels(caplog: pytest.LogCaptureFixture) -> None:
+    model = make_model(base_width=2)
+    x = _batch(5, 188)
+    expected = tiling.TorchPredictor(model, precision="fp32").predict_labels(x)
+    predictor = tiling.TorchPredictor(_RefusesLargeBatches(model, limit=2), precision="fp32")
+    with caplog.at_level(logging.WARNING, logger="tiling.predictor"):
+        np.testing.assert_array_equal(predictor.predict_labels(x), expected)
+    assert "out of memory with 5 tiles per pass; retrying with 2" in caplog.text
+    np.testing.assert_array_equal(predictor.predict_labels(x), expected)  # remembers the smaller size
+    assert predictor.module.calls == [5, 2, 2, 1, 2, 2, 1]
+
+
+def test_out_of_memory_at_one_tile_and_other_errors_propagate() -> None:
+    model = make_model(base_width=2)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        tiling.TorchPredictor(_RefusesLargeBatches(model, limit=0), precision="fp32").predict_labels(_batch(2, 188))
+    other = tiling.TorchPredictor(_RefusesLargeBatches(model, limit=1, error=ValueError), precision="fp32")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="CUDA out of memory"):
+        other.predict_labels(_batch(2, 188))
+
+
+def test_cpu_micro_batches_and_staged_inputs_give_identical_results() -> None:
+    model = make_model(base_width=8)
+    predictor = tiling.TorchPredictor(model, precision="fp32")
+    size = 572
+    assert predictor.preferred_batch_size((size, size)) == max(1, (48 << 20) // (8 * size * size * 4))
+    x = _batch(3, 188)
+    whole = predictor(x)
+    staged = predictor(predictor.stage(x))
+    one_by_one = np.concatenate([predictor(x[i : i + 1]) for i in range(3)])
+    np.testing.assert_array_equal(staged, whole)
+    np.testing.assert_allclose(one_by_one, whole, atol=1e-6)
+
+
+def test_segment_lets_the_predictor_choose_the_batch_size() -> None:
+    model = make_model(base_width=2)
+    img = np.random.default_rng(5).normal(size=(700, 90)).astype(np.float32)
+    counting = tiling.TorchPredictor(_RefusesLargeBatches(model, limit=100), precision="fp32")
+    chosen = tiling.segment(img, counting, depth=4)
+    np.testing.assert_array_equal(chosen, tiling.segment(img, model, batch_size=1))
+    assert counting.module.calls == [2]  # 2 tiles in one pass: width-2 tiles fit the CPU's micro-batch
+
+
+def test_auto_precision_follows_the_hardware() -> None:
+    cpu = torch.device("cpu")
+    expected = "bf16" if tiling.predictor.cpu_supports_bf16() else "fp32"
+    assert tiling.resolve_precision("auto", cpu) == expected
+    assert tiling.resolve_precision("fp32", cpu) == "fp32"
