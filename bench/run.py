@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, note = data.resolve_checkpoint(args.checkpoint, workdir)
         image = data.bench_image(args.size)
         np.save(workdir / "image.npy", image)
-        tifffile.imwrite(workdir / "image.tif", image)
+        tifffile.imwrite(workdir / "image.tif", image, tile=(256, 256))  # tiled, as large images usually are
         input_mb = image.nbytes / 2**20
         del image
         base = {

@@ -6,7 +6,8 @@ The engine accepts any callable on numpy batches. :class:`TorchPredictor` wraps 
 * an inference copy of the module (the caller's module is left as it was) with every
   batch norm that directly follows a convolution folded into that convolution's weights;
 * channels-last memory layout and ``inference_mode`` (oneDNN's fastest convolutions on
-  the CPU, tensor cores on CUDA);
+  the CPU, tensor cores on CUDA; there cuDNN's autotuner is switched on, process-wide,
+  since every tile has the same shape);
 * optional reduced precision (autocast); ``auto`` picks bf16 where the hardware runs it
   natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere;
 * on the CPU, batches run as micro-batches that fit the cache (larger ones run slower
@@ -139,6 +140,9 @@ class TorchPredictor:
         self.channels_last = channels_last
         prepared = fold_batch_norm(module) if fold_bn else module.eval()
         self.module = prepared.to(self.device)
+        if self.device.type == "cuda":
+            # tiles share one shape: let cuDNN pick the fastest convolution once (process-wide)
+            torch.backends.cudnn.benchmark = True
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         config = getattr(module, "config", None)
