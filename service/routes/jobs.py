@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.requests import ClientDisconnect
 
 from ..deps import SegmenterDep, SettingsDep
-from ..errors import InputError, NotATiffError
+from ..errors import InputError, NotATiffError, UnsupportedImageError
 from ..http_errors import ClientDisconnectedError
 from ..io import read_header
 from ..jobs import (
@@ -38,7 +38,7 @@ from ..limits import Spool, _MultipartFile, check_request
 from ..segmenter import Segmenter
 from ..settings import Settings
 
-__all__ = ["router"]
+__all__ = ["delete_job", "job_result", "job_status", "router", "submit_job"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ def _admit(path: Path, segmenter: Segmenter, settings: Settings, worker: JobWork
     if options.pyramid and options.output != "labels":
         raise InputError("pyramid=true applies to output=labels, not probabilities")
     header = read_header(path)
+    if options.pyramid and header.stack_axes:
+        raise UnsupportedImageError(f"pyramid=true needs a single 2-D image; this one has axes {header.axes}")
     streamed = worker.decide_streamed(header, options)
     limits = settings
     if streamed:  # windowed reads, banded output: the in-memory size limit does not apply
@@ -152,7 +154,7 @@ def _admit(path: Path, segmenter: Segmenter, settings: Settings, worker: JobWork
         507: {"description": "jobs storage quota exceeded"},
     },
 )
-async def submit(
+async def submit_job(
     request: Request,
     settings: SettingsDep,
     segmenter: SegmenterDep,
@@ -196,7 +198,7 @@ async def submit(
 
 
 @router.get("/{job_id}", summary="State and progress of a job")
-async def status(request: Request, job_id: JobId) -> dict[str, Any]:
+async def job_status(request: Request, job_id: JobId) -> dict[str, Any]:
     worker = _worker(request)
     try:
         record = await anyio.to_thread.run_sync(worker.store.load, job_id)
@@ -211,7 +213,7 @@ async def status(request: Request, job_id: JobId) -> dict[str, Any]:
     summary="Download the mask of a finished job",
     responses={200: {"content": {"image/tiff": {"schema": _BINARY}}}, 409: {"description": "not done"}},
 )
-async def result(request: Request, job_id: JobId) -> FileResponse:
+async def job_result(request: Request, job_id: JobId) -> FileResponse:
     worker = _worker(request)
     try:
         record = await anyio.to_thread.run_sync(worker.store.load, job_id)
@@ -245,7 +247,7 @@ async def result(request: Request, job_id: JobId) -> FileResponse:
         204: {"description": "deleted"},
     },
 )
-async def delete(request: Request, job_id: JobId) -> Response:
+async def delete_job(request: Request, job_id: JobId) -> Response:
     worker = _worker(request)
     try:
         record = await anyio.to_thread.run_sync(worker.store.load, job_id)

@@ -146,6 +146,9 @@ def test_bad_uploads_leave_nothing_behind(server: Server, jobs_dir: Path) -> Non
     assert r.status_code == 422 and "tile_size" in r.json()["detail"]
     r = server.post("/jobs", params={"pyramid": "true", "output": "probabilities"}, content=tiff(image((40, 40))))
     assert r.status_code == 400 and "pyramid" in r.json()["detail"]
+    stack = tiff(np.stack([image((40, 40)), image((40, 40))]), metadata={"axes": "ZYX"}, photometric="minisblack")
+    r = server.post("/jobs", params={"pyramid": "true"}, content=stack)
+    assert r.status_code == 422 and "single 2-D image" in r.json()["detail"]
     assert sorted(p.name for p in jobs_dir.iterdir()) == before
 
 
