@@ -3,6 +3,7 @@ The same server has a 2-second request time limit."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,4 +66,19 @@ def test_a_request_over_its_time_limit_gets_504_and_stops(server: Any, long_job:
     assert r.json() == {"detail": "the segmentation did not finish within 2 s"}
     state = server.readyz()
     assert state["running"] == 0 and state["queued"] == 0  # the worker stopped; the slot is free
+    assert server.get("/healthz").status_code == 200
+
+
+def test_an_upload_that_stalls_gets_408(server: Any) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/tiff\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: 100000\r\n\r\n".encode()
+            + b"II*\x00"  # ... and then nothing more
+        )
+        data = b""
+        while b"}" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert b'{"detail":"the upload did not complete within 2 s"}' in data
     assert server.get("/healthz").status_code == 200

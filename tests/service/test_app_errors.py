@@ -307,7 +307,10 @@ def test_beyond_slots_and_queue_requests_get_503_with_retry_after(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60
+    while 'route="/segment",status="503"} 2.0' not in tight.get("/metrics").text:  # the script was turned away
+        assert time.monotonic() < deadline and script.poll() is None
+        time.sleep(0.05)
     queued.close()  # a client that leaves while queued ...
     running.close()  # ... and one that leaves while running: both abandoned
     stdout, stderr = script.communicate(timeout=60)

@@ -92,8 +92,8 @@ def test_a_bad_checkpoint_stops_the_start_with_one_line(tmp_path: Path) -> None:
 def test_sigterm_finishes_in_flight_work_then_stops_the_rest(
     launch: Callable[..., Any], small_checkpoint: Path, long_job: bytes, to_tiff: Callable[..., bytes]
 ) -> None:
-    server = launch(small_checkpoint, slots="2", shutdown_timeout_s="6")
-    medium = to_tiff(np.random.default_rng(0).integers(0, 255, (96, 96), dtype=np.uint8))  # 36 tiles at tile_size 20
+    server = launch(small_checkpoint, slots="2", shutdown_timeout_s="8")
+    medium = to_tiff(np.random.default_rng(0).integers(0, 255, (144, 144), dtype=np.uint8))  # 81 tiles at tile_size 20
     results: dict[str, Any] = {}
 
     def post(name: str, body: bytes) -> None:
@@ -116,10 +116,10 @@ def test_sigterm_finishes_in_flight_work_then_stops_the_rest(
     assert code == -signal.SIGTERM  # uvicorn re-raises the signal once its clean shutdown is done
     medium_response = results["medium"]
     assert isinstance(medium_response, httpx.Response) and medium_response.status_code == 200
-    assert tifffile.imread(io.BytesIO(medium_response.content)).shape == (96, 96)
+    assert tifffile.imread(io.BytesIO(medium_response.content)).shape == (144, 144)
     # the long one was cut off after the grace period, and its worker stopped (else no exit)
     assert not (isinstance(results["long"], httpx.Response) and results["long"].status_code == 200)
-    print(f"SIGTERM to exit: {took:.1f} s (grace 6 s)")
+    print(f"SIGTERM to exit: {took:.1f} s (grace 8 s)")
     log = server.log_text()
     assert "Shutting down" in log and "Application shutdown complete" in log
     assert "Future exception was never retrieved" not in log
