@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, BinaryIO, Literal
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 
 from ..deps import SegmenterDep, SettingsDep, StateDep
 from ..http_errors import ClientDisconnectedError, TimeLimitError
-from ..io import encode_tiff, read_image
+from ..io import ImageHeader, encode_tiff, read_image
 from ..limits import Job, check_request, receive_upload, run_guarded
+from ..metrics import Metrics
+from ..segmenter import Segmenter
 
 __all__ = ["router"]
 
@@ -86,34 +89,12 @@ async def segment(
                 lambda: check_request(src, segmenter, settings, output=output, tile_size=tile_size)
             )
             header = admitted.header
-
-            async def watch() -> None:
-                if await request.is_disconnected():
-                    raise ClientDisconnectedError("client disconnected while queued")
-                if time.monotonic() > job.deadline:
-                    raise TimeLimitError(f"no device slot became free within {settings.request_timeout_s:g} s")
-
             queued_at = time.monotonic()
-            await slots.acquire(watch)
+            await slots.acquire(_queue_watch(request, job))
             timings: dict[str, float] = {"queue": time.monotonic() - queued_at}
 
             def work() -> bytes:
-                t0 = time.perf_counter()
-                job.check()
-                image = read_image(src, max_pixels=settings.max_pixels)
-                t1 = time.perf_counter()
-
-                def progress(n: int) -> None:
-                    metrics.tiles.inc(n)
-                    job.check()
-
-                result = segmenter.segment(image, output=output, tile_size=tile_size, progress=progress)
-                del image
-                job.check()
-                t2 = time.perf_counter()
-                data = encode_tiff(header, result)
-                timings.update(decode=t1 - t0, infer=t2 - t1, encode=time.perf_counter() - t2)
-                return data
+                return _segment(segmenter, src, header, job, metrics, output, tile_size, settings.max_pixels, timings)
 
             body = await run_guarded(request, job, state.executor, work, slots.release)
         finally:
@@ -148,3 +129,45 @@ async def segment(
             "Content-Disposition": 'attachment; filename="mask.tif"',
         },
     )
+
+
+def _queue_watch(request: Request, job: Job) -> Callable[[], Awaitable[None]]:
+    """What a queued request checks between polls: is the client still there, is there time left?"""
+
+    async def watch() -> None:
+        if await request.is_disconnected():
+            raise ClientDisconnectedError("client disconnected while queued")
+        if time.monotonic() > job.deadline:
+            raise TimeLimitError(f"no device slot became free within {job.timeout_s:g} s")
+
+    return watch
+
+
+def _segment(
+    segmenter: Segmenter,
+    src: BinaryIO,
+    header: ImageHeader,
+    job: Job,
+    metrics: Metrics,
+    output: str,
+    tile_size: int,
+    max_pixels: int,
+    timings: dict[str, float],
+) -> bytes:
+    """Decode, segment and encode on a worker thread, stopping at the next batch if ``job`` is cancelled."""
+    t0 = time.perf_counter()
+    job.check()
+    image = read_image(src, max_pixels=max_pixels)
+    t1 = time.perf_counter()
+
+    def progress(n: int) -> None:
+        metrics.tiles.inc(n)
+        job.check()
+
+    result = segmenter.segment(image, output=output, tile_size=tile_size, progress=progress)
+    del image
+    job.check()
+    t2 = time.perf_counter()
+    data = encode_tiff(header, result)
+    timings.update(decode=t1 - t0, infer=t2 - t1, encode=time.perf_counter() - t2)
+    return data
