@@ -22,6 +22,7 @@ __all__ = [
     "ServiceState",
     "SettingsDep",
     "StateDep",
+    "get_metrics",
     "get_segmenter",
     "get_state",
     "require_api_key",

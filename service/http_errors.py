@@ -50,6 +50,7 @@ __all__ = [
     "UploadTimeoutError",
     "error_response",
     "install_error_handlers",
+    "scrub",
     "status_of",
 ]
 

@@ -40,6 +40,7 @@ from .settings import Settings
 
 __all__ = [
     "BOUNDED_COMPRESSIONS",
+    "Admitted",
     "DeviceSlots",
     "Job",
     "Spool",

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-__all__ = ["router"]
+__all__ = ["docs", "openapi", "router"]
 
 router = APIRouter(include_in_schema=False)
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from ..deps import StateDep
 from ..http_errors import UnavailableError
 
-__all__ = ["router"]
+__all__ = ["healthz", "readyz", "router"]
 
 router = APIRouter(tags=["health"])
 

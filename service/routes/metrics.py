@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import MetricsDep
 
-__all__ = ["router"]
+__all__ = ["metrics", "router"]
 
 router = APIRouter(tags=["metrics"])
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from ..deps import SegmenterDep, SettingsDep
 from ..limits import valid_tile_sizes
 
-__all__ = ["router"]
+__all__ = ["model", "router"]
 
 router = APIRouter(tags=["model"])
 

@@ -17,7 +17,7 @@ from ..limits import Job, check_request, receive_upload, run_guarded
 from ..metrics import Metrics
 from ..segmenter import Segmenter
 
-__all__ = ["router"]
+__all__ = ["router", "segment"]
 
 log = logging.getLogger(__name__)
 
