@@ -347,6 +347,9 @@ def _write_streamed(
         "compression": "zlib",
         "compressionargs": {"level": 6},
         "tile": (OUTPUT_TILE, OUTPUT_TILE),
+        # tifffile compresses tiles on worker threads in passes of `buffersize` bytes (default
+        # 512 MB of tiles held at once); a few tile rows keep the writer's memory O(width)
+        "buffersize": 4 * OUTPUT_TILE * max(w, OUTPUT_TILE),
     }
     if header.resolution is not None:
         options["resolution"] = header.resolution
