@@ -5,7 +5,7 @@ and, on real widefield images, paints the glow around nuclei too. So every image
 is drawn from wide ranges (domain randomization) of what real DAPI/Hoechst images show:
 
 * **in-focus nuclei** (the only foreground): ellipse-like outlines with random harmonic
-  wobble, 6-56 px across (a per-image scale of 0.5x-2x), clustered and touching but
+  wobble, 7-60 px across (a per-image scale of 0.5x-2x), clustered and touching but
   not overlapping, a few small, irregular and very bright mitotic figures; mottled
   chromatin texture with bright foci and dark nucleoli; brightness spread over about
   two orders of magnitude within one image and three between images; blurred by a
@@ -123,8 +123,8 @@ def _texture(
         py, px = rng.uniform(0, h), rng.uniform(0, w)
         s = rng.uniform(0.6, 0.18 * radius + 0.7)
         spot = np.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * s * s))
-        tex *= 1.0 + float(rng.choice([-0.6, 0.8]) * rng.uniform(0.3, 1.0)) * spot
-    return np.asarray(np.clip(tex, 0.05, None))
+        tex *= 1.0 + float(rng.choice([-0.5, 0.8]) * rng.uniform(0.3, 1.0)) * spot
+    return np.asarray(np.clip(tex, 0.25, None))
 
 
 def _place(
@@ -181,7 +181,7 @@ def synth_image(
         raise UNetError(f"dtype must be 'uint8' or 'uint16', got {dtype!r}")
     h, w = shape
     scale = float(_loguniform(rng, 0.5, 2.0))  # microscope magnification / binning
-    mean_radius = float(rng.uniform(6.0, 14.0) * scale)
+    mean_radius = float(rng.uniform(7.0, 15.0) * scale)
     coverage_target = float(rng.uniform(0.02, 0.45))
     cluster_prob = float(rng.uniform(0.0, 0.85))
     irregular = float(_loguniform(rng, 0.01, 0.12))
@@ -198,8 +198,8 @@ def synth_image(
     dark_corner = float(rng.uniform(0.45, 1.0))  # illumination at the darkest spot
     noise = np.sqrt(bg_level * photons_peak + read_noise_e**2)
     # dimmest nucleus >= ~2.5x the background noise per pixel: dim but visible, never invisible
-    spread_max = photons_peak * dark_corner / (2.5 * noise)
-    spread = float(_loguniform(rng, 1.2, float(np.clip(spread_max, 1.5, 60.0))))  # within-image range
+    spread_max = photons_peak * dark_corner / (4.0 * noise)
+    spread = float(_loguniform(rng, 1.2, float(np.clip(spread_max, 1.5, 40.0))))  # within-image range
     for _ in range(n_target):
         mitotic = rng.random() < 0.05
         r_mean = mean_radius * (rng.uniform(0.35, 0.6) if mitotic else 1.0)
@@ -216,7 +216,8 @@ def synth_image(
         signal[box] += brightness * coverage * tex
 
     # --- optics: narrow in-focus PSF; halo around in-focus nuclei; out-of-focus ghosts
-    psf = float(rng.uniform(0.5, 1.3) * max(1.0, scale**0.5))
+    # in focus: edges blurred by at most ~a fifth of the radius, however soft the optics
+    psf = float(min(rng.uniform(0.5, 2.0) * max(1.0, scale**0.5), 0.2 * mean_radius + 0.3))
     image = ndimage.gaussian_filter(signal, psf)
     halo_sigma = float(rng.uniform(3.0, 12.0) * max(1.0, scale**0.5))
     image += float(rng.uniform(0.0, 0.35)) * ndimage.gaussian_filter(signal, halo_sigma)
@@ -230,7 +231,8 @@ def synth_image(
             continue
         box, _inside, coverage, rel = fp
         ghosts[box] += float(_loguniform(rng, 1.0 / spread, 1.5)) * coverage * _texture(rng, coverage.shape, rel, r)
-    ghost_sigma = float(max(3.0, rng.uniform(0.3, 0.7) * mean_radius) * max(1.0, scale**0.25))
+    # out of focus: clearly softer than the in-focus PSF, whatever the brightness
+    ghost_sigma = float(max(3.0, 2.5 * psf, rng.uniform(0.35, 0.8) * mean_radius))
     image += ndimage.gaussian_filter(ghosts, ghost_sigma)
 
     # --- background and illumination
