@@ -25,7 +25,7 @@ from .paths import default_checkpoint
 from .segmenter import Segmenter
 from .streaming import DEFAULT_STREAM_ABOVE_MB, decoded_bytes, segment_file, should_stream
 
-__all__ = ["USER_ERRORS", "main"]
+__all__ = ["USER_ERRORS", "add_model_options", "build_parser", "load_segmenter", "main", "positive_int"]
 
 log = logging.getLogger("service")
 
@@ -109,14 +109,15 @@ def _segment(args: argparse.Namespace) -> int:
 def _add_segment(sub: Any) -> None:
     p = sub.add_parser("segment", help="segment a TIFF image into a mask", description="Segment a TIFF image.")
     p.add_argument("input", type=Path, help="input TIFF (2-D, multi-channel or a stack)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output TIFF (written atomically)")
     p.add_argument(
-        "--output-kind",
-        "--output-type",
+        "-o", dest="output", metavar="OUT.tif", type=Path, required=True, help="output TIFF (written atomically)"
+    )
+    p.add_argument(
+        "--output",
         dest="output_kind",
         default="labels",
         choices=["labels", "probabilities"],
-        help="uint8 class ids (default) or float32 per-class probabilities",
+        help="what to write: uint8 class ids (default) or float32 per-class probabilities",
     )
     p.add_argument("--tile-size", type=positive_int, default=388, help="output tile size: 388 (default), 644, 900, ...")
     p.add_argument(
