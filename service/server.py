@@ -91,6 +91,9 @@ def serve(args: argparse.Namespace) -> int:
     checkpoint = settings.checkpoint or default_checkpoint()  # CheckpointError (exit 2) if the demo is missing
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    if settings.spool_dir is not None and not settings.spool_dir.is_dir():
+        print(f"unet-tile: error: UNET_SPOOL_DIR is not a directory: {settings.spool_dir}", file=sys.stderr)
+        return 2
     logging.getLogger("service").setLevel(settings.log_level.upper())
     app = create_app(settings)
     config = uvicorn.Config(
