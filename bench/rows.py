@@ -117,11 +117,32 @@ def ceiling(spec: Spec) -> Result:
             continue
         results.append({"module": name, "layout": layout, "batch": batch, "s_per_tile": per_pass / batch})
     best = min(results, key=lambda r: r["s_per_tile"])
-    # the best configuration again, over as many tiles as the engine's plan has
-    fmt = torch.channels_last if best["layout"] == "channels_last" else torch.contiguous_format
-    net = modules[best["module"]].to(memory_format=fmt)  # type: ignore[call-overload]
-    x = torch.randn(best["batch"], ck.config.in_channels, h, w, device=device).contiguous(memory_format=fmt)
-    passes = max(1, -(-len(plan) // best["batch"]))
+    config = {k: best[k] for k in ("module", "layout", "batch")}
+    seconds = _ceiling_seconds(ck, modules, config, plan, device, dtype)
+    return {
+        "seconds": seconds,
+        "precision": precision,
+        "config": f"{best['module']}, {best['layout']}, batch {best['batch']}",
+        "best": config,
+        "tiles": len(plan),
+        "search": results,
+    }
+
+
+def _ceiling_seconds(
+    ck: Checkpoint,
+    modules: dict[str, torch.nn.Module],
+    config: dict[str, Any],
+    plan: tiling.TilePlan,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> float:
+    """Bare-model seconds for as many tiles as ``plan`` has, in ``config``'s batches."""
+    fmt = torch.channels_last if config["layout"] == "channels_last" else torch.contiguous_format
+    net = modules[config["module"]].to(device).to(memory_format=fmt)  # type: ignore[call-overload]
+    batch = int(config["batch"])
+    x = torch.randn(batch, ck.config.in_channels, *plan.tile_in, device=device).contiguous(memory_format=fmt)
+    passes = max(1, -(-len(plan) // batch))
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
         net(x)
         _sync(device)
@@ -129,14 +150,8 @@ def ceiling(spec: Spec) -> Result:
         for _ in range(passes):
             net(x)
         _sync(device)
-        per_tile = (time.perf_counter() - t0) / (passes * best["batch"])
-    return {
-        "seconds": per_tile * len(plan),
-        "precision": precision,
-        "config": f"{best['module']}, {best['layout']}, batch {best['batch']}",
-        "tiles": len(plan),
-        "search": results,
-    }
+        per_tile = (time.perf_counter() - t0) / (passes * batch)
+    return per_tile * len(plan)
 
 
 def engine(spec: Spec) -> Result:
@@ -147,16 +162,26 @@ def engine(spec: Spec) -> Result:
     plan = _plan(ck, image, tile_size)
     batch = spec.get("batch_size") or predictor.preferred_batch_size(plan.tile_in)
     predictor.predict_labels(np.zeros((1, ck.config.in_channels, *plan.tile_in), np.float32))  # warm-up
-    t0 = time.perf_counter()
-    labels = tiling.segment(image, predictor, normalize=affine, tile_size=tile_size, batch_size=batch)
-    seconds = time.perf_counter() - t0
+    paired = spec.get("ceiling_config") if tile_size == 388 else None
+    modules = {"as-loaded": ck.model.eval(), "bn-folded": tiling.predictor.fold_batch_norm(ck.model)}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(predictor.precision)
+    seconds, ceiling_s = float("inf"), float("inf")
+    for _ in range(int(spec.get("pairs", 1))):  # engine and bare model alternately: same load for both
+        t0 = time.perf_counter()
+        labels = tiling.segment(image, predictor, normalize=affine, tile_size=tile_size, batch_size=batch)
+        seconds = min(seconds, time.perf_counter() - t0)
+        if paired:
+            ceiling_s = min(ceiling_s, _ceiling_seconds(ck, modules, paired, plan, predictor.device, dtype))
     _save_labels(spec, labels)
-    return {
+    result = {
         "seconds": seconds,
         "precision": predictor.precision,
         "config": f"tile {tile_size}, batch {batch}",
         "tiles": len(plan),
     }
+    if paired:
+        result["paired_ceiling_seconds"] = ceiling_s
+    return result
 
 
 def _unet_tile() -> list[str]:

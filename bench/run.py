@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,2,4,8", help="batch sizes the ceiling searches")
     p.add_argument("--search-seconds", type=float, default=1.0, help="time per ceiling candidate")
     p.add_argument("--repeat", type=int, default=1, help="rounds; each row keeps its fastest")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=2,
+        help="engine rows alternate the engine and the ceiling's best configuration this many times (best of each)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every row (0: torch's default)")
     p.add_argument("--demo-size", type=int, default=1024, help="side of the demo images for the agreement row")
     p.add_argument("--workdir", type=Path, default=None, help="where the image and outputs go (default: a temp dir)")
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             "search_seconds": args.search_seconds,
             "threads": args.threads,
             "demo_size": args.demo_size,
+            "pairs": args.pairs,
         }
         jobs = _jobs(args, precisions, main_precision)
         results: dict[str, dict[str, Any]] = {}
@@ -163,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                     results[name] = {"skipped": skip}
                     continue
                 labels = workdir / f"labels-{name.replace(' ', '-')}.npy"
-                result = _run_row({**base, **spec, "labels_out": str(labels)})
+                ceiling_best = results.get(f"ceiling {spec['precision']}", {}).get("best")
+                paired = {"ceiling_config": ceiling_best} if spec["row"] == "engine" and ceiling_best else {}
+                result = _run_row({**base, **spec, **paired, "labels_out": str(labels)})
                 if labels.is_file():
                     result["labels"] = str(labels)
                 previous = results.get(name)
@@ -227,6 +236,15 @@ def _add_derived(report: dict[str, Any]) -> None:
                     "met": value >= target,
                     "goal": label,
                 }
+    for name, r in rows.items():
+        if "paired_ceiling_seconds" in r:
+            value = r["paired_ceiling_seconds"] / r["seconds"]
+            ratios[f"{name} / ceiling, paired in one process"] = {
+                "value": value,
+                "target": 0.9,
+                "met": value >= 0.9,
+                "goal": "engine / ceiling (same precision)",
+            }
     report["ratios"] = ratios
 
 
