@@ -173,6 +173,7 @@ class TorchPredictor:
         self.predict_labels(probe)
         per_tile = max(1, torch.cuda.max_memory_allocated(self.device) - before)
         free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached blocks
         return int(min(_CUDA_MAX_BATCH, max(1, _CUDA_MEMORY_FRACTION * free // per_tile)))
 
     # -- running ----------------------------------------------------------------------
