@@ -181,7 +181,8 @@ _CHILD = textwrap.dedent(
 
     ck, small, big, out_dir = sys.argv[1:5]
     common = ["--checkpoint", ck, "--tile-size", "388", "--batch-size", "1", "-q"]
-    assert main(["segment", small, "-o", out_dir + "/warm.tif", *common]) == 0
+    for stream_above in ("0", "1e9"):  # warm both paths (imports, buffers)
+        assert main(["segment", small, "-o", out_dir + "/warm.tif", *common, "--stream-above", stream_above]) == 0
     growth = {}
     for name, stream_above in (("streamed", "0"), ("in_memory", "1e9")):
         base = status("VmRSS:")
