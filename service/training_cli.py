@@ -254,7 +254,7 @@ def _train(args: argparse.Namespace) -> int:
     if val_pairs:
         ck = Checkpoint(result.model, normalization, CLASS_NAMES, (1,), sha256="")
         scores = _summary(evaluate_pairs(Segmenter(ck, device="cpu", batch_size=2), val_pairs))
-        info["held_out"] = {"images": str(args.val_images), **{k: round(v, 4) for k, v in scores.items()}}
+        info["held_out"] = {**{k: round(v, 4) for k, v in scores.items()}, "dir": str(args.val_images)}
         print(
             f"train: held-out Dice {scores['dice']:.4f} IoU {scores['iou']:.4f} on {len(val_pairs)} images",
             file=sys.stderr,
