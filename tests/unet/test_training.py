@@ -113,3 +113,35 @@ def test_train_save_load_segment_round_trip(data: TrainingData, tmp_path: Path) 
     trained = tiling.segment(image, result.model, normalize=affine, output="probabilities")
     assert loaded.shape == (2, 70, 90)
     assert np.allclose(loaded, trained, atol=1e-5)
+
+
+def _otsu(image: np.ndarray) -> float:
+    hist, edges = np.histogram(image.astype(np.float64), bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centres)
+    m0, m1 = s0 / np.maximum(w0, 1), (s0[-1] - s0) / np.maximum(w1, 1)
+    return float(centres[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    p, t = pred > 0, truth > 0
+    return float(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))
+
+
+def test_bundled_demo_checkpoint_is_what_the_readme_says_and_beats_otsu() -> None:
+    ck = unet.load_checkpoint(unet.checkpoint.DEMO_CHECKPOINT)
+    assert ck.config == UNetConfig(in_channels=1, num_classes=2, depth=4, base_width=16, batch_norm=True)
+    assert ck.class_names == ("background", "nucleus") and ck.foreground == (1,)
+    assert ck.normalization == Normalization(method="percentile", low=1.0, high=99.8)
+    assert ck.info["seed"] == 0 and ck.info["command"].startswith("unet-tile train ")
+    assert ck.info["held_out"]["dice"] >= 0.9
+    samples = synth_set(4, seed=2027, shape=(160, 160))  # never trained on (training used seed 1)
+    model_dice, otsu_dice = [], []
+    for s in samples:
+        labels = tiling.segment(s.image, ck.model, normalize=ck.normalization.fit(s.image[np.newaxis]))
+        model_dice.append(_dice(labels == 1, s.labels))
+        otsu_dice.append(_dice(s.image > _otsu(s.image), s.labels))
+    assert np.mean(model_dice) > 0.85
+    assert np.mean(model_dice) > np.mean(otsu_dice) + 0.1
