@@ -90,6 +90,11 @@ class Spool:
         self._buf.write(data)
         self.size += len(data)
 
+    @property
+    def path(self) -> str | None:
+        """The spool file's path once the content went to disk, else None."""
+        return str(self._buf.name) if self.on_disk else None
+
     def file(self) -> BinaryIO:
         """The content as a binary file positioned at 0."""
         self._buf.flush()

@@ -67,7 +67,10 @@ class Settings(BaseSettings):
     jobs_workers: int = Field(default=1, ge=0, description="jobs run at once (0 turns /jobs off)")
     jobs_max_pixels: int = Field(default=2**34, ge=1, description="most pixels a streamed job's image may declare")
     stream_above_mb: float = Field(
-        default=256.0, ge=0, description="jobs whose decoded input exceeds this (MB) stream; labels only"
+        default=256.0,
+        ge=0,
+        description="images whose decoded size exceeds this (MB) take the streamed path (jobs, and /segment"
+        " uploads spooled to disk); labels only",
     )
 
     @property

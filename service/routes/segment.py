@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, BinaryIO, Literal
@@ -11,11 +13,13 @@ import anyio
 from fastapi import APIRouter, Query, Request, Response
 
 from ..deps import SegmenterDep, SettingsDep, StateDep
+from ..errors import UnsupportedImageError
 from ..http_errors import ClientDisconnectedError, TimeLimitError
 from ..io import ImageHeader, encode_tiff, read_image
 from ..limits import Job, check_request, receive_upload, run_guarded
 from ..metrics import Metrics
 from ..segmenter import Segmenter
+from ..streaming import segment_file, should_stream
 
 __all__ = ["router", "segment"]
 
@@ -93,7 +97,17 @@ async def segment(
             await slots.acquire(_queue_watch(request, job))
             timings: dict[str, float] = {"queue": time.monotonic() - queued_at}
 
+            streamed = spool.path is not None and should_stream(header, settings.stream_above_mb, output=output)
+
             def work() -> bytes:
+                if streamed:
+                    assert spool.path is not None
+                    try:
+                        return _segment_streamed(
+                            segmenter, spool.path, job, metrics, tile_size, settings.max_pixels, timings
+                        )
+                    except UnsupportedImageError as e:  # header checks passed: only the storage layout is left
+                        log.info("streamed path unavailable (%s); decoding in memory", e)
                 return _segment(segmenter, src, header, job, metrics, output, tile_size, settings.max_pixels, timings)
 
             body = await run_guarded(request, job, state.executor, work, slots.release)
@@ -170,4 +184,36 @@ def _segment(
     t2 = time.perf_counter()
     data = encode_tiff(header, result)
     timings.update(decode=t1 - t0, infer=t2 - t1, encode=time.perf_counter() - t2)
+    return data
+
+
+def _segment_streamed(
+    segmenter: Segmenter,
+    path: str,
+    job: Job,
+    metrics: Metrics,
+    tile_size: int,
+    max_pixels: int,
+    timings: dict[str, float],
+) -> bytes:
+    """The streamed path for a large upload spooled to disk: windows read from the file,
+    labels written band by band to a tiled BigTIFF beside it, whose (compressed) bytes are
+    the answer. Memory stays O(tile rows x width) instead of the decoded image."""
+    t0 = time.perf_counter()
+    job.check()
+
+    def progress(n: int) -> None:
+        metrics.tiles.inc(n)
+        job.check()
+
+    fd, out = tempfile.mkstemp(dir=os.path.dirname(path), prefix="unet-result-", suffix=".tif")
+    os.close(fd)
+    try:
+        segment_file(segmenter, path, out, tile_size=tile_size, max_pixels=max_pixels, progress=progress)
+        t1 = time.perf_counter()
+        with open(out, "rb") as f:
+            data = f.read()
+    finally:
+        os.unlink(out)
+    timings.update(decode=0.0, infer=t1 - t0, encode=time.perf_counter() - t1)
     return data

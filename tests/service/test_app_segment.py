@@ -176,3 +176,22 @@ def test_batch_script_segments_a_folder_and_reports_failures(
 def test_without_an_api_key_no_route_needs_one(server: Any) -> None:
     assert server.get("/model").status_code == 200
     assert server.get("/model", headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+def test_large_uploads_take_the_streamed_path_with_the_same_mask(
+    launch: Callable[..., Any], small_checkpoint: Path, tmp_path: Path, to_tiff: Callable[..., bytes]
+) -> None:
+    """Uploads spooled to disk above UNET_STREAM_ABOVE_MB are segmented window by window
+    into a tiled BigTIFF; the pixels equal the in-memory CLI's (forced here with 0 MB)."""
+    streaming = launch(small_checkpoint, spool_mb="0", stream_above_mb="0")
+    image = np.random.default_rng(5).integers(0, 4000, (700, 420), dtype=np.uint16)
+    data = to_tiff(image, tile=(256, 256))
+    expected = cli_mask(tmp_path, small_checkpoint, data, "--stream-above", "1000")
+    for r in (
+        streaming.post("/segment", content=data, headers={"Content-Type": "image/tiff"}),
+        streaming.post("/segment", files={"file": ("x.tif", data, "image/tiff")}),
+    ):
+        mask, tif = decode(r)
+        assert tif.is_bigtiff and tif.pages[0].is_tiled  # the streamed writer's layout
+        np.testing.assert_array_equal(mask, expected)
+    assert len(np.unique(expected)) == 2
