@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU micro-batch: tiles per forward pass such that the first level's activations stay
-# within this many bytes. Measured on a 2-core AVX512/AMX Xeon (bench/): with width-16
-# 572x572 tiles (21 MB per tile) 2 tiles per pass ran ~25 % faster per tile than 4.
-_CPU_ACTIVATION_BUDGET = 48 << 20
+# within this many bytes. Measured on a 2-core AVX512/AMX Xeon (bench/, width-16 572x572
+# tiles, ms per tile): fp32 batch 1/2/4 = 80/86/106, bf16 batch 1/2/4 = 31/30/40. Larger
+# batches fall out of cache; this budget picks 1 tile for fp32 and 2 for bf16 there.
+_CPU_ACTIVATION_BUDGET = 24 << 20
 _CUDA_MAX_BATCH = 64
 _CUDA_MEMORY_FRACTION = 0.6  # of the free device memory, for one batch's activations
 
@@ -160,7 +161,8 @@ class TorchPredictor:
         return self._cpu_micro_batch(tile_in)
 
     def _cpu_micro_batch(self, tile_in: tuple[int, int]) -> int:
-        per_tile = self._width * tile_in[0] * tile_in[1] * 4
+        element = 2 if self.precision in _DTYPES else 4  # bytes per activation value
+        per_tile = self._width * tile_in[0] * tile_in[1] * element
         return max(1, _CPU_ACTIVATION_BUDGET // per_tile)
 
     def _cuda_batch_size(self, tile_in: tuple[int, int]) -> int:

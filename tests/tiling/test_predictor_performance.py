@@ -80,7 +80,9 @@ def test_cpu_micro_batches_and_staged_inputs_give_identical_results() -> None:
     model = make_model(base_width=8)
     predictor = tiling.TorchPredictor(model, precision="fp32")
     size = 572
-    assert predictor.preferred_batch_size((size, size)) == max(1, (48 << 20) // (8 * size * size * 4))
+    assert predictor.preferred_batch_size((size, size)) == max(1, (24 << 20) // (8 * size * size * 4))
+    bf16 = tiling.TorchPredictor(model, precision="bf16")  # half the bytes per activation: twice the tiles
+    assert bf16.preferred_batch_size((size, size)) == max(1, (24 << 20) // (8 * size * size * 2))
     x = _batch(3, 188)
     whole = predictor(x)
     staged = predictor(predictor.stage(x))
