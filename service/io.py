@@ -31,7 +31,10 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "ImageData",
     "ImageHeader",
+    "check_magic",
+    "check_segments",
     "encode_tiff",
+    "header_of",
     "read_header",
     "read_image",
     "write_tiff_atomic",
@@ -94,7 +97,7 @@ def _source(src: str | os.PathLike[str] | bytes | BinaryIO) -> Any:  # path or b
     return io.BytesIO(src) if isinstance(src, bytes | bytearray | memoryview) else src
 
 
-def _check_magic(src: Any) -> None:
+def check_magic(src: Any) -> None:
     if isinstance(src, str | os.PathLike):
         with open(src, "rb") as f:
             head = f.read(4)
@@ -106,7 +109,7 @@ def _check_magic(src: Any) -> None:
         raise NotATiffError(f"not a TIFF file (starts with {head!r}); expected a TIFF image (II*/MM* header)")
 
 
-def _header_of(tif: tifffile.TiffFile, max_pixels: int | None) -> ImageHeader:
+def header_of(tif: tifffile.TiffFile, max_pixels: int | None) -> ImageHeader:
     if not tif.series:
         raise CorruptImageError("TIFF holds no image series")
     series = tif.series[0]
@@ -142,7 +145,7 @@ def _header_of(tif: tifffile.TiffFile, max_pixels: int | None) -> ImageHeader:
     return ImageHeader(shape, axes, dtype, resolution, unit, spacing)
 
 
-def _check_segments(tif: tifffile.TiffFile) -> None:
+def check_segments(tif: tifffile.TiffFile) -> None:
     """Refuse a file whose strips/tiles point past its end (a truncated upload)."""
     size = tif.filehandle.size
     for page in tif.series[0].pages:
@@ -158,10 +161,10 @@ def _check_segments(tif: tifffile.TiffFile) -> None:
 def read_header(src: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: int | None = None) -> ImageHeader:
     """Read and check what a TIFF declares, without decoding a pixel."""
     source = _source(src)
-    _check_magic(source)
+    check_magic(source)
     try:
         with tifffile.TiffFile(source) as tif:
-            return _header_of(tif, max_pixels)
+            return header_of(tif, max_pixels)
     except (NotATiffError, CorruptImageError, ImageTooLargeError, UnsupportedImageError):
         raise
     except Exception as e:  # tifffile raises TiffFileError, struct.error, ValueError, ...
@@ -171,11 +174,11 @@ def read_header(src: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: i
 def read_image(src: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: int | None = None) -> ImageData:
     """Read a TIFF as (planes, C, Y, X) after checking its header and segments."""
     source = _source(src)
-    _check_magic(source)
+    check_magic(source)
     try:
         with tifffile.TiffFile(source) as tif:
-            header = _header_of(tif, max_pixels)
-            _check_segments(tif)
+            header = header_of(tif, max_pixels)
+            check_segments(tif)
             data = tif.series[0].asarray()
     except (NotATiffError, CorruptImageError, ImageTooLargeError, UnsupportedImageError):
         raise

@@ -43,6 +43,7 @@ __all__ = [
     "Admitted",
     "DeviceSlots",
     "Job",
+    "MultipartFile",
     "Spool",
     "check_request",
     "receive_upload",
@@ -105,7 +106,7 @@ class Spool:
         self._buf.close()
 
 
-class _MultipartFile:
+class MultipartFile:
     """Feeds a multipart/form-data body through python-multipart, keeping field ``file`` only."""
 
     def __init__(self, content_type: str, spool: Spool) -> None:
@@ -192,7 +193,7 @@ async def receive_upload(request: Request, settings: Settings, deadline: float) 
     content_type = request.headers.get("content-type", "")
     spool = Spool(settings.spool_bytes, settings.spool_dir)
     try:
-        form = _MultipartFile(content_type, spool) if content_type.startswith("multipart/form-data") else None
+        form = MultipartFile(content_type, spool) if content_type.startswith("multipart/form-data") else None
         received = 0
         with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
             async for chunk in request.stream():

@@ -38,7 +38,7 @@ import tifffile
 import tiling
 
 from .errors import CorruptImageError, ImageTooLargeError, InputError, NotATiffError, UnsupportedImageError
-from .io import ImageHeader, _check_magic, _check_segments, _header_of
+from .io import ImageHeader, check_magic, check_segments, header_of
 from .segmenter import Segmenter
 
 __all__ = [
@@ -111,12 +111,12 @@ class TiffSource:
 
     def __init__(self, path: str | os.PathLike[str], *, max_pixels: int | None = None) -> None:
         self.path = Path(path)
-        _check_magic(self.path)
+        check_magic(self.path)
         self._store: Any = None
         try:
             with tifffile.TiffFile(self.path) as tif:
-                self.header = _header_of(tif, max_pixels)
-                _check_segments(tif)
+                self.header = header_of(tif, max_pixels)
+                check_segments(tif)
                 series = tif.series[0]
                 page = series.pages[0]
                 offset = series.dataoffset

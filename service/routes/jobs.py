@@ -34,7 +34,7 @@ from ..jobs import (
     JobWorker,
     QuotaExceededError,
 )
-from ..limits import Spool, _MultipartFile, check_request
+from ..limits import MultipartFile, Spool, check_request
 from ..segmenter import Segmenter
 from ..settings import Settings
 
@@ -98,7 +98,7 @@ async def _receive(request: Request, path: Path, room: int, worker: JobWorker) -
     sink = _FileSink(path, room, quota_error)
     content_type = request.headers.get("content-type", "")
     try:
-        form = _MultipartFile(content_type, sink) if content_type.startswith("multipart/form-data") else None
+        form = MultipartFile(content_type, sink) if content_type.startswith("multipart/form-data") else None
         async for chunk in request.stream():
             if form is not None:
                 form.write(chunk)
