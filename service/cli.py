@@ -46,9 +46,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="compute precision (default: fp32)",
+        help="compute precision (default: fp32, exact seam-free tiling; auto: bf16 where the CPU/GPU has native"
+        " bf16, ~2.5x faster here at >= 99.9%% label agreement)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=4, help="tiles per forward pass (default: 4)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="tiles per forward pass (default: chosen for the device: cache-sized on the CPU, from free memory on CUDA)",
+    )
 
 
 def load_segmenter(args: argparse.Namespace) -> Segmenter:

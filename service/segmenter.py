@@ -30,7 +30,7 @@ class Segmenter:
     """Segments (planes, C, Y, X) images with one checkpoint on one device."""
 
     def __init__(
-        self, checkpoint: Checkpoint, *, device: str = "auto", precision: str = "fp32", batch_size: int = 4
+        self, checkpoint: Checkpoint, *, device: str = "auto", precision: str = "fp32", batch_size: int | None = None
     ) -> None:
         self.checkpoint = checkpoint
         self.predictor = TorchPredictor(checkpoint.model, device=device, precision=precision)

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="compute device")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(default="fp32", description="compute precision")
-    batch_size: int = Field(default=4, ge=1, description="tiles per forward pass")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="tiles per forward pass; unset: chosen for the device"
+    )
     slots: int = Field(default=1, ge=1, description="segmentations running at once on the device")
     queue_size: int = Field(
         default=4, ge=0, description="segmentations admitted beyond the slots (waiting); more get 503"

@@ -151,8 +151,8 @@ def to_tiff() -> Callable[..., bytes]:
 
 @pytest.fixture(scope="session")
 def long_job() -> bytes:
-    """A 1024x1024 image that compresses to a few KB; at tile_size=20 it is 4096 tiles (minutes)."""
-    return tiff_bytes(np.zeros((1024, 1024), np.uint8), compression="zlib")
+    """A 2000x2000 image that compresses to a few KB; at tile_size=20 it is 15625 tiles (minutes)."""
+    return tiff_bytes(np.zeros((2000, 2000), np.uint8), compression="zlib")
 
 
 class RawRequest:

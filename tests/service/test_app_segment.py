@@ -126,7 +126,7 @@ def _metric(text: str, line_prefix: str) -> float:
 def test_health_and_metrics_answer_during_a_long_segmentation_and_a_client_leaving_abandons_it(
     server: Any, long_job: bytes, raw_request: Callable[..., Any]
 ) -> None:
-    job = raw_request(server, "/segment?tile_size=20", long_job)  # 4096 tiles: minutes of work
+    job = raw_request(server, "/segment?tile_size=20", long_job)  # 15625 tiles: minutes of work
     server.wait_until(lambda s: s["running"] == 1)
     latencies = []
     for path in ("/healthz", "/metrics", "/healthz", "/readyz"):
