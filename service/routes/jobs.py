@@ -37,6 +37,7 @@ from ..jobs import (
 from ..limits import MultipartFile, Spool, check_request
 from ..segmenter import Segmenter
 from ..settings import Settings
+from .common import BINARY, UPLOAD_DOC
 
 __all__ = ["delete_job", "job_result", "job_status", "router", "submit_job"]
 
@@ -46,20 +47,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 _STATUS = {InvalidJobIdError: 422, JobNotFoundError: 404, JobNotReadyError: 409, QuotaExceededError: 507}
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, description="the id returned by POST /jobs")]
-_BINARY = {"type": "string", "format": "binary"}
-_UPLOAD_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "the TIFF as the raw body, or as multipart field `file`",
-        "content": {
-            "image/tiff": {"schema": _BINARY},
-            "application/octet-stream": {"schema": _BINARY},
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]}
-            },
-        },
-    }
-}
 
 
 def _http(e: JobError) -> HTTPException:
@@ -143,7 +130,7 @@ def _admit(path: Path, segmenter: Segmenter, settings: Settings, worker: JobWork
 @router.post(
     "",
     status_code=202,
-    openapi_extra=_UPLOAD_DOC,
+    openapi_extra=UPLOAD_DOC,
     summary="Submit a TIFF for segmentation in the background",
     responses={
         202: {"description": "queued; poll the URL in `url` / the Location header"},
@@ -211,7 +198,7 @@ async def job_status(request: Request, job_id: JobId) -> dict[str, Any]:
     "/{job_id}/result",
     response_class=FileResponse,
     summary="Download the mask of a finished job",
-    responses={200: {"content": {"image/tiff": {"schema": _BINARY}}}, 409: {"description": "not done"}},
+    responses={200: {"content": {"image/tiff": {"schema": BINARY}}}, 409: {"description": "not done"}},
 )
 async def job_result(request: Request, job_id: JobId) -> FileResponse:
     worker = _worker(request)

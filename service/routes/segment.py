@@ -20,6 +20,7 @@ from ..limits import Job, check_request, receive_upload, run_guarded
 from ..metrics import Metrics
 from ..segmenter import Segmenter
 from ..streaming import segment_file, should_stream
+from .common import BINARY, UPLOAD_DOC
 
 __all__ = ["router", "segment"]
 
@@ -27,22 +28,8 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["segment"])
 
-_BINARY = {"type": "string", "format": "binary"}
-_UPLOAD_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "the TIFF as the raw body, or as multipart field `file`",
-        "content": {
-            "image/tiff": {"schema": _BINARY},
-            "application/octet-stream": {"schema": _BINARY},
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]}
-            },
-        },
-    }
-}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"image/tiff": {"schema": _BINARY}}, "description": "the mask as a compressed TIFF"},
+    200: {"content": {"image/tiff": {"schema": BINARY}}, "description": "the mask as a compressed TIFF"},
     400: {"description": "corrupt or truncated TIFF, malformed body"},
     401: {"description": "missing or wrong API key (when UNET_API_KEY is set)"},
     408: {"description": "the upload did not finish within the time limit"},
@@ -62,7 +49,7 @@ def _ms(seconds: float) -> str:
     "/segment",
     response_class=Response,
     responses=_RESPONSES,
-    openapi_extra=_UPLOAD_DOC,
+    openapi_extra=UPLOAD_DOC,
     summary="Segment a TIFF image",
 )
 async def segment(
