@@ -1,10 +1,12 @@
-"""OpenAPI pieces shared by the routes that take a TIFF upload (``/segment``, ``/jobs``)."""
+"""Query parameters and OpenAPI pieces shared by the routes that take a TIFF upload (``/segment``, ``/jobs``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-__all__ = ["BINARY", "UPLOAD_DOC"]
+from fastapi import Query
+
+__all__ = ["BINARY", "UPLOAD_DOC", "OutputQuery", "TileSizeQuery"]
 
 BINARY: dict[str, str] = {"type": "string", "format": "binary"}
 UPLOAD_DOC: dict[str, Any] = {
@@ -18,3 +20,8 @@ UPLOAD_DOC: dict[str, Any] = {
         },
     }
 }
+
+OutputQuery = Annotated[
+    Literal["labels", "probabilities"], Query(description="uint8 class ids or float32 per-class probabilities")
+]
+TileSizeQuery = Annotated[int, Query(description="output tile size: 388, 644, 900, ... (16k-60 for depth 4)")]

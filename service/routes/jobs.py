@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -37,7 +37,7 @@ from ..jobs import (
 from ..limits import MultipartFile, Spool, check_request
 from ..segmenter import Segmenter
 from ..settings import Settings
-from .common import BINARY, UPLOAD_DOC
+from .common import BINARY, UPLOAD_DOC, OutputQuery, TileSizeQuery
 
 __all__ = ["delete_job", "job_result", "job_status", "router", "submit_job"]
 
@@ -145,10 +145,8 @@ async def submit_job(
     request: Request,
     settings: SettingsDep,
     segmenter: SegmenterDep,
-    output: Annotated[
-        Literal["labels", "probabilities"], Query(description="uint8 class ids or float32 per-class probabilities")
-    ] = "labels",
-    tile_size: Annotated[int, Query(description="output tile size: 388, 644, 900, ... (16k-60 for depth 4)")] = 388,
+    output: OutputQuery = "labels",
+    tile_size: TileSizeQuery = 388,
     pyramid: Annotated[bool, Query(description="labels as a pyramidal OME-TIFF (streamed)")] = False,
 ) -> JSONResponse:
     worker = _worker(request)

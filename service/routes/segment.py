@@ -7,10 +7,10 @@ import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from ..deps import SegmenterDep, SettingsDep, StateDep
 from ..errors import UnsupportedImageError
@@ -20,7 +20,7 @@ from ..limits import Job, check_request, receive_upload, run_guarded
 from ..metrics import Metrics
 from ..segmenter import Segmenter
 from ..streaming import segment_file, should_stream
-from .common import BINARY, UPLOAD_DOC
+from .common import BINARY, UPLOAD_DOC, OutputQuery, TileSizeQuery
 
 __all__ = ["router", "segment"]
 
@@ -57,10 +57,8 @@ async def segment(
     state: StateDep,
     settings: SettingsDep,
     segmenter: SegmenterDep,
-    output: Annotated[
-        Literal["labels", "probabilities"], Query(description="uint8 class ids or float32 per-class probabilities")
-    ] = "labels",
-    tile_size: Annotated[int, Query(description="output tile size: 388, 644, 900, ... (16k-60 for depth 4)")] = 388,
+    output: OutputQuery = "labels",
+    tile_size: TileSizeQuery = 388,
 ) -> Response:
     """Segment the uploaded TIFF; the answer has the input's height, width and stack axes.
 
