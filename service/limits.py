@@ -46,6 +46,7 @@ __all__ = [
     "MultipartFile",
     "Spool",
     "check_request",
+    "copy_body",
     "receive_upload",
     "run_guarded",
     "valid_tile_sizes",
@@ -184,32 +185,41 @@ def _too_big(settings: Settings, declared: int | None = None) -> ImageTooLargeEr
     return ImageTooLargeError(f"request body is larger than allowed: {limit}")
 
 
+async def copy_body(
+    request: Request, sink: Spool, *, max_bytes: int | None = None, too_big: Exception | None = None
+) -> None:
+    """Copy the TIFF into ``sink``: the raw body, or multipart field ``file``.
+
+    Counts the bytes received (raw, multipart framing included) and raises ``too_big``
+    past ``max_bytes``; refuses an empty upload.
+    """
+    content_type = request.headers.get("content-type", "")
+    form = MultipartFile(content_type, sink) if content_type.startswith("multipart/form-data") else None
+    write = form.write if form is not None else sink.write
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if max_bytes is not None and received > max_bytes:
+            raise too_big or ImageTooLargeError(f"request body is larger than {max_bytes:,} bytes")
+        write(chunk)
+    if form is not None:
+        form.finish()
+    if sink.size == 0:
+        raise NotATiffError(
+            "empty upload; expected a TIFF as the body (Content-Type: image/tiff) or as multipart field 'file'"
+        )
+
+
 async def receive_upload(request: Request, settings: Settings, deadline: float) -> Spool:
     """The uploaded TIFF (raw body, or multipart field ``file``), size-limited while streaming."""
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:  # refuse before reading (curl waits on 100-continue)
         raise _too_big(settings, int(declared))
-    content_type = request.headers.get("content-type", "")
     spool = Spool(settings.spool_bytes, settings.spool_dir)
     try:
-        form = MultipartFile(content_type, spool) if content_type.startswith("multipart/form-data") else None
-        received = 0
         with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit:
-                    raise _too_big(settings)
-                if form is not None:
-                    form.write(chunk)
-                else:
-                    spool.write(chunk)
-        if form is not None:
-            form.finish()
-        if spool.size == 0:
-            raise NotATiffError(
-                "empty upload; expected a TIFF as the body (Content-Type: image/tiff) or as multipart field 'file'"
-            )
+            await copy_body(request, spool, max_bytes=limit, too_big=_too_big(settings))
     except TimeoutError:
         spool.close()
         raise UploadTimeoutError(f"the upload did not complete within {settings.request_timeout_s:g} s") from None

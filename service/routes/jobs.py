@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.requests import ClientDisconnect
 
 from ..deps import SegmenterDep, SettingsDep
-from ..errors import InputError, NotATiffError, UnsupportedImageError
+from ..errors import InputError, UnsupportedImageError
 from ..http_errors import ClientDisconnectedError
 from ..io import read_header
 from ..jobs import (
@@ -34,7 +34,7 @@ from ..jobs import (
     JobWorker,
     QuotaExceededError,
 )
-from ..limits import MultipartFile, Spool, check_request
+from ..limits import Spool, check_request, copy_body
 from ..segmenter import Segmenter
 from ..settings import Settings
 from .common import BINARY, UPLOAD_DOC, OutputQuery, TileSizeQuery
@@ -83,24 +83,12 @@ async def _receive(request: Request, path: Path, room: int, worker: JobWorker) -
         f"{worker.store.quota_bytes / 2**20:,.0f} MiB, UNET_JOBS_QUOTA_MB); DELETE finished jobs or retry later"
     )
     sink = _FileSink(path, room, quota_error)
-    content_type = request.headers.get("content-type", "")
     try:
-        form = MultipartFile(content_type, sink) if content_type.startswith("multipart/form-data") else None
-        async for chunk in request.stream():
-            if form is not None:
-                form.write(chunk)
-            else:
-                sink.write(chunk)
-        if form is not None:
-            form.finish()
+        await copy_body(request, sink)
     except ClientDisconnect:
         raise ClientDisconnectedError("client disconnected during the upload") from None
     finally:
         sink.close()
-    if sink.size == 0:
-        raise NotATiffError(
-            "empty upload; expected a TIFF as the body (Content-Type: image/tiff) or as multipart field 'file'"
-        )
     return sink.size
 
 
