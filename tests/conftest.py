@@ -22,6 +22,18 @@ def make_model(*, in_channels: int = 1, num_classes: int = 2, base_width: int = 
     return model.eval()
 
 
+def balance_classes(model: unet.UNet, x: torch.Tensor) -> unet.UNet:
+    """Shift the head bias so ``model`` splits ``x`` (B, C, H, W) into both classes evenly.
+
+    A freshly initialised network predicts one class everywhere; masks compared between
+    two paths should have something in them.
+    """
+    with torch.no_grad():
+        logits = model(x)
+        model.head.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real checkpoint file: 1 input channel, 2 classes, base width 4."""

@@ -26,6 +26,7 @@ import pytest
 import tifffile
 
 import unet
+from tests.conftest import balance_classes
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 90
@@ -202,20 +203,12 @@ def raw_request() -> Iterator[Callable[..., RawRequest]]:
 
 
 def balanced_model(base_width: int = 4, seed: int = 3) -> unet.UNet:
-    """A random U-Net whose head bias is set so both classes occur on noise images.
-
-    (A freshly initialised network predicts one class everywhere; masks compared
-    between the CLI and the server should have something in them.)
-    """
+    """A random U-Net whose head bias is set so both classes occur on noise images."""
     import torch
 
     torch.manual_seed(seed)
     model = unet.UNet(unet.UNetConfig(base_width=base_width)).eval()
-    x = torch.rand(1, 1, 572, 572)
-    with torch.no_grad():
-        logits = model(x)
-        model.head.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
-    return model
+    return balance_classes(model, torch.rand(1, 1, 572, 572))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import torch
 import tiling
 import unet
 from service.cli import main
-from tests.conftest import make_model
+from tests.conftest import balance_classes, make_model
 
 UNET_TILE = str(Path(sys.executable).with_name("unet-tile"))
 
@@ -94,10 +94,7 @@ def balanced_checkpoint(path: Path, image: np.ndarray) -> Path:
     """A random model whose head bias splits ``image`` into both classes about evenly."""
     model = make_model(base_width=4, seed=5)
     norm = unet.Normalization()
-    x = torch.from_numpy(norm.fit(image[None])(image[None, None, :572, :572]))
-    with torch.no_grad():
-        logits = model(x)
-        model.head.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+    balance_classes(model, torch.from_numpy(norm.fit(image[None])(image[None, None, :572, :572])))
     unet.save_checkpoint(path, model, normalization=norm)
     return path
 

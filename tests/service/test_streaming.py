@@ -20,6 +20,7 @@ from service.errors import CorruptImageError, UnsupportedImageError
 from service.io import read_image
 from service.segmenter import Segmenter
 from service.streaming import OUTPUT_TILE, TiffSource, segment_file
+from tests.conftest import balance_classes
 
 
 def smooth_image(shape: tuple[int, ...], seed: int = 0, dtype: type = np.uint16) -> np.ndarray:
@@ -36,9 +37,7 @@ def balanced_checkpoint(
     torch.manual_seed(in_channels * 10 + depth)
     model = unet.UNet(unet.UNetConfig(in_channels=in_channels, depth=depth, base_width=4)).eval()
     x = torch.from_numpy(smooth_image((in_channels, 160, 160), seed=99).astype(np.float32) / 4000.0)
-    with torch.no_grad():
-        logits = model(x[None])
-        model.head.bias[1] -= torch.median(logits[0, 1] - logits[0, 0])
+    balance_classes(model, x[None])
     unet.save_checkpoint(path, model, normalization=normalization)
     return path
 
