@@ -60,8 +60,12 @@ def monai_segment(
     num_classes: int = 2,
     device: str = "cpu",
     sw_batch_size: int = 4,
+    precision: str = "fp32",
 ) -> npt.NDArray[np.uint8]:
-    """(H, W) labels from MONAI's sliding window over a same-padding U-Net of ``width``."""
+    """(H, W) labels from MONAI's sliding window over a same-padding U-Net of ``width``.
+
+    ``precision`` bf16/fp16 runs the network under autocast (MONAI's own default is fp32).
+    """
     sliding_window_inference = importlib.import_module("monai.inferers").sliding_window_inference
     basic_unet = importlib.import_module("monai.networks.nets").BasicUNet
 
@@ -69,7 +73,9 @@ def monai_segment(
     features = (width, 2 * width, 4 * width, 8 * width, 16 * width, width)
     net = basic_unet(spatial_dims=2, in_channels=1, out_channels=num_classes, features=features).eval().to(device)
     x = torch.from_numpy(normalize(image[None, None])).to(device)
-    with torch.no_grad():
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    with torch.no_grad(), autocast:
         logits = sliding_window_inference(
             x, roi_size=(572, 572), sw_batch_size=sw_batch_size, predictor=net, overlap=0.25, mode="gaussian"
         )

@@ -290,16 +290,17 @@ def monai(spec: Spec) -> Result:
         return {"skipped": "MONAI is not installed (pip install -e '.[bench]')"}
     ck, image = _load(spec)
     affine = ck.normalization.fit(image[None])
-    device = str(tiling.resolve_device(spec["device"]))
+    device = tiling.resolve_device(spec["device"])
+    precision = tiling.resolve_precision(spec["precision"], device)
     t0 = time.perf_counter()
     labels = baselines.monai_segment(
-        image, ck.config.base_width, affine, num_classes=ck.config.num_classes, device=device
+        image, ck.config.base_width, affine, num_classes=ck.config.num_classes, device=str(device), precision=precision
     )
     seconds = time.perf_counter() - t0
     _save_labels(spec, labels)
     return {
         "seconds": seconds,
-        "precision": "fp32",
+        "precision": precision,
         "config": f"BasicUNet width {ck.config.base_width}, roi 572, overlap 0.25, gaussian, sw_batch 4",
     }
 

@@ -107,8 +107,10 @@ def _jobs(args: argparse.Namespace, precisions: list[str], main_precision: str) 
                             {"row": "engine", "precision": main_precision, "tile_size": t},
                         )
                     )
-        elif row in ("naive", "monai"):
-            jobs.append((f"{row} fp32", {"row": row, "precision": "fp32"}))
+        elif row == "naive":
+            jobs.append(("naive fp32", {"row": "naive", "precision": "fp32"}))
+        elif row == "monai":  # MONAI's default (fp32), and each reduced precision the engine runs
+            jobs += [(f"monai {p}", {"row": "monai", "precision": p}) for p in dict.fromkeys(["fp32", *precisions])]
         elif row == "agreement":
             jobs.append(("agreement", {"row": "agreement", "precision": "fp32"}))
     return jobs
@@ -225,9 +227,8 @@ def _add_derived(report: dict[str, Any]) -> None:
             if not name.startswith(row + " ") or "tile" in name or "mpx_per_s" not in r:
                 continue
             precision = name.split()[1]
-            ref_name = (
-                f"{ref} {precision}" if ref == "ceiling" else next((n for n in rows if n.startswith(ref + " ")), "")
-            )
+            same = f"{ref} {precision}"  # the same precision where the reference ran at it
+            ref_name = same if same in rows else next((n for n in rows if n.startswith(ref + " ")), "")
             if "mpx_per_s" in rows.get(ref_name, {}):
                 value = r["mpx_per_s"] / rows[ref_name]["mpx_per_s"]
                 ratios[f"{name} / {ref_name}"] = {

@@ -4,7 +4,11 @@
 lazily mirror-padded image (:mod:`tiling.padding`), feeds batches to any callable
 ``(B, C, h, w) float32 -> (B, K, h - 2m, w - 2m)``, and writes each tile's kept part into
 the output with one assignment. Reading and normalizing the next batch runs on a worker
-thread while the model computes the current one.
+thread while the model computes the current one, where that overlaps: when the model
+runs on a GPU, or leaves a CPU core free (a predictor says so with its
+``overlap_host_work`` attribute; plain callables get the thread). When the model's
+threads take every core, the reader would only steal one of them, and torch's other
+threads would wait for it at each operator's barrier, so the next batch is read in line.
 """
 
 from __future__ import annotations
@@ -74,20 +78,34 @@ def _stager(predict: Callable[..., Any]) -> Callable[[npt.NDArray[np.float32]], 
     return stage if callable(stage) else None
 
 
+def _overlaps(predict: Callable[..., Any]) -> bool:
+    """Whether to read the next batch on a worker thread while ``predict`` runs."""
+    owner = getattr(predict, "__self__", predict)
+    value = getattr(owner, "overlap_host_work", True)
+    return bool(value)
+
+
 def _prefetched(
     image: Any,
     plan: TilePlan,
     batch_size: int,
     normalize: Normalize,
     stage: Callable[[npt.NDArray[np.float32]], Any] | None = None,
+    *,
+    threaded: bool = True,
 ) -> Iterator[tuple[Sequence[Tile], Any]]:
-    """Yield (tiles, normalized input batch), preparing the next batch on a worker thread."""
+    """Yield (tiles, normalized input batch), preparing the next batch on a worker thread
+    (``threaded``) or in line, just before it is needed."""
 
     def load(batch: Sequence[Tile]) -> Any:
         x = normalize(np.stack([read_window(image, *t.window, offset=plan.margin) for t in batch]))
         return stage(x) if stage is not None else x
 
     batches = _batches(plan.tiles, batch_size)
+    if not threaded:
+        for batch in batches:
+            yield batch, load(batch)
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
         pending = pool.submit(load, batches[0])
         for i, batch in enumerate(batches):
@@ -113,7 +131,8 @@ def predict_tiles(
     """
     batch_size = _resolve_batch_size(predict, plan, batch_size)
     th, tw = plan.tile_out
-    for batch, x in _prefetched(image, plan, batch_size, normalize, _stager(predict)):
+    threaded = _overlaps(predict)
+    for batch, x in _prefetched(image, plan, batch_size, normalize, _stager(predict), threaded=threaded):
         y = np.asarray(predict(x))
         if y.ndim not in (3, 4) or y.shape[0] != len(batch) or y.shape[-2:] != (th, tw):
             raise TilingError(

@@ -13,7 +13,8 @@ The engine accepts any callable on numpy batches. :class:`TorchPredictor` wraps 
 * on the CPU, batches run as micro-batches that fit the cache (larger ones run slower
   per tile); on CUDA an out-of-memory error halves the tiles per pass and retries;
 * on CUDA, batches are staged in pinned memory (by the engine's reader thread) and
-  copied with ``non_blocking``;
+  copied with ``non_blocking``; on a CPU whose cores torch's threads all take, the engine
+  reads tiles in line instead (:attr:`TorchPredictor.overlap_host_work`);
 * a ``predict_labels`` fast path that takes the argmax on the device, so only uint8
   class ids cross back.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -116,6 +118,13 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
     return folded
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _first_width(module: nn.Module) -> int:
     return next((m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)), 64)
 
@@ -150,6 +159,18 @@ class TorchPredictor:
         self.depth: int | None = getattr(config, "depth", None)
         self._width = _first_width(module)
         self._oom_limit: int | None = None  # tiles per pass after an out-of-memory back-off
+
+    @property
+    def overlap_host_work(self) -> bool:
+        """Whether the engine should read the next batch on a worker thread during a pass.
+
+        On CUDA the host idles while the GPU computes, so yes. On the CPU only when torch's
+        threads leave a core free: otherwise the reader takes a core from one of them and
+        the others wait for it at every operator (measured in ``bench/``).
+        """
+        if self.device.type == "cuda":
+            return True
+        return torch.get_num_threads() < _usable_cores()
 
     # -- batch sizes -------------------------------------------------------------------
 

@@ -20,7 +20,13 @@ import torch
 from scipy import ndimage
 from torch.nn import functional
 
-__all__ = ["border_weight_map", "class_balance_weights", "separate_touching", "weighted_cross_entropy"]
+__all__ = [
+    "border_weight_map",
+    "boundary_target",
+    "class_balance_weights",
+    "separate_touching",
+    "weighted_cross_entropy",
+]
 
 
 def separate_touching(labels: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
@@ -40,6 +46,25 @@ def separate_touching(labels: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     masked = np.where(lab > 0, lab, int(lab.max()) + 1)  # background never counts as lower
     lowest_near = np.asarray(ndimage.grey_erosion(masked, size=(3, 3), mode="nearest"))
     return np.asarray((lab > 0) & (lowest_near >= lab), np.uint8)
+
+
+def boundary_target(labels: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    """Three classes from an instance image: 0 background, 1 object, 2 contact boundary.
+
+    The boundary class is the gap of :func:`separate_touching`: pixels where two
+    instances touch. Objects and boundaries together are the foreground, so the
+    foreground keeps every object pixel while class 1 alone still keeps touching
+    objects apart.
+
+    >>> lab = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 0, 0]])
+    >>> boundary_target(lab)
+    array([[1, 1, 2, 1],
+           [1, 1, 2, 1],
+           [0, 0, 0, 0]], dtype=uint8)
+    """
+    lab = np.asarray(labels)
+    apart = separate_touching(lab)
+    return np.asarray(np.where((lab > 0) & (apart == 0), 2, apart), np.uint8)
 
 
 def class_balance_weights(
@@ -70,7 +95,9 @@ def border_weight_map(
 
     ``d1``/``d2`` are Euclidean distances to the nearest and second-nearest instance,
     measured only near objects (where the term exceeds ~1e-4 of ``w0``); the border term
-    applies to background pixels of ``target`` (default: :func:`separate_touching`).
+    applies to the pixels of ``target`` that are not class 1 (the object): background,
+    and the boundary class of :func:`boundary_target` (default target:
+    :func:`separate_touching`).
 
     >>> lab = np.zeros((9, 13), np.int32); lab[2:7, 1:6] = 1; lab[2:7, 7:12] = 2
     >>> w = border_weight_map(lab)
@@ -103,7 +130,7 @@ def border_weight_map(
         d2[ys, xs] = np.where(nearer, cur1, np.minimum(cur2, local))
         d1[ys, xs] = np.where(nearer, local, cur1)
     border = w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))
-    weights += np.where(np.asarray(target) == 0, border, 0.0)
+    weights += np.where(np.asarray(target) != 1, border, 0.0)
     return weights.astype(np.float32)
 
 

@@ -44,7 +44,7 @@ from scipy import ndimage
 from . import geometry
 from .augment import intensity_jitter, random_warp, sample_patch, warp_coordinates
 from .errors import UNetError
-from .losses import border_weight_map, separate_touching, weighted_cross_entropy
+from .losses import border_weight_map, boundary_target, separate_touching, weighted_cross_entropy
 from .model import UNet
 from .normalization import Normalization
 
@@ -99,10 +99,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Normalized images with their 2-class targets and loss weights, ready to sample."""
+    """Normalized images with their class targets and loss weights, ready to sample."""
 
     images: list[npt.NDArray[np.float32]]  # (C, H, W), normalized per whole image
-    targets: list[npt.NDArray[np.uint8]]  # (H, W) 0 background / 1 object, touching objects apart
+    targets: list[npt.NDArray[np.uint8]]  # (H, W) 0 background / 1 object [/ 2 contact boundary]
     weights: list[npt.NDArray[np.float32]]  # (H, W) the paper's w(x)
     fingerprint: str  # identifies the data in the resumable state
 
@@ -135,8 +135,16 @@ def prepare_data(
     *,
     w0: float = 10.0,
     sigma: float = 5.0,
+    num_classes: int = 2,
 ) -> TrainingData:
-    """Normalize each (H, W) or (C, H, W) image and build its target and weight map."""
+    """Normalize each (H, W) or (C, H, W) image and build its target and weight map.
+
+    ``num_classes`` 2: background / object with a background gap between touching
+    objects (:func:`~unet.losses.separate_touching`); 3: the gap is its own boundary
+    class (:func:`~unet.losses.boundary_target`).
+    """
+    if num_classes not in (2, 3):
+        raise UNetError(f"training supports 2 classes (background, object) or 3 (+ boundary), got {num_classes}")
     if len(images) != len(masks) or not images:
         raise UNetError(f"need the same non-zero number of images and masks, got {len(images)} and {len(masks)}")
     out_img: list[npt.NDArray[np.float32]] = []
@@ -153,10 +161,10 @@ def prepare_data(
             raise UNetError(f"pair {i}: {chw.shape[0]} channel(s), the first image has {out_img[0].shape[0]}")
         norm = normalization.fit(chw)(chw[np.newaxis])[0]
         labels = instance_labels(mask)
-        target = separate_touching(labels)
+        target = separate_touching(labels) if num_classes == 2 else boundary_target(labels)
         out_img.append(np.ascontiguousarray(norm, np.float32))
         out_t.append(target)
-        out_w.append(border_weight_map(labels, w0=w0, sigma=sigma, target=target))
+        out_w.append(border_weight_map(labels, w0=w0, sigma=sigma, num_classes=num_classes, target=target))
         h.update(np.ascontiguousarray(chw).tobytes())
         h.update(np.ascontiguousarray(labels).tobytes())
     return TrainingData(out_img, out_t, out_w, h.hexdigest()[:16])
@@ -270,8 +278,13 @@ def train(
     """
     if data.images[0].shape[0] != model.config.in_channels:
         raise UNetError(f"model expects {model.config.in_channels} channel(s), the data has {data.images[0].shape[0]}")
-    if model.config.num_classes != 2:
-        raise UNetError(f"training supports 2 classes (background, object), model has {model.config.num_classes}")
+    if model.config.num_classes not in (2, 3):
+        raise UNetError(
+            f"training supports 2 classes (background, object) or 3 (+ boundary), model has {model.config.num_classes}"
+        )
+    top = max(int(t.max()) for t in data.targets)
+    if top >= model.config.num_classes:
+        raise UNetError(f"the data has class {top}, the model only {model.config.num_classes} classes")
     geometry.check_input_size(config.patch_size, model.config.depth)
     torch.manual_seed(config.seed)
     _memory_format(model, torch.channels_last)  # faster convolutions on CPU; same numbers

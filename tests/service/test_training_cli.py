@@ -103,6 +103,70 @@ def test_evaluate_scores_a_perfect_model_as_one(tmp_path: Path, capsys: pytest.C
     assert out.splitlines()[1].split() == ["a", "1.0000", "1.0000"]
 
 
+def _threshold_checkpoint(path: Path) -> Path:
+    """A 2-class checkpoint whose background-vs-nucleus margin is ``normalized input - 0.5``."""
+    torch.manual_seed(0)
+    model = unet.UNet(unet.UNetConfig(base_width=2, batch_norm=False))
+    with torch.no_grad():  # every layer passes the (centre) input through: channel 0 of each conv
+        for p in model.parameters():
+            p.zero_()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+                m.weight[0, 0, 1, 1] = 1.0
+            if isinstance(m, torch.nn.ConvTranspose2d):
+                m.weight[0, 0] = 1.0
+        model.head.weight[1, 0, 0, 0] = 1.0
+        model.head.bias[1] = -0.5
+    unet.save_checkpoint(path, model, class_names=["background", "nucleus"], weights_dtype="float32")
+    return path
+
+
+def test_calibration_picks_the_offset_that_finds_dim_objects(tmp_path: Path) -> None:
+    """Dim objects (normalized 0.3: margin -0.2) are missed at offset 0 and found below -0.2;
+    the bias folded into the head reproduces the calibrated Dice through the serving path."""
+    from service.segmenter import Segmenter
+    from service.training_cli import calibrate_background, evaluate_pairs, find_pairs
+
+    ck = unet.load_checkpoint(_threshold_checkpoint(tmp_path / "thr.safetensors"))
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    mask = np.zeros((40, 50), np.uint16)
+    mask[5:15, 5:20] = 1  # bright
+    mask[25:35, 30:45] = 2  # dim
+    image = np.full(mask.shape, 10, np.uint8)
+    image[mask == 1], image[mask == 2] = 210, 70  # normalized: 1.0 and 0.3, background 0
+    tifffile.imwrite(tmp_path / "i" / "a.tif", image)
+    tifffile.imwrite(tmp_path / "m" / "a.tif", mask)
+    pairs = find_pairs(tmp_path / "i", tmp_path / "m")
+    best, scores = calibrate_background(Segmenter(ck, device="cpu"), pairs)
+    assert scores[0.0] == pytest.approx(2 * 150 / (150 + 300))  # only the bright object
+    assert best == -0.3 and scores[best] == 1.0  # -0.3 .. -0.4 all work: the smallest shift wins
+    with torch.no_grad():
+        ck.model.head.bias[0] += best
+    [(_, o)] = evaluate_pairs(Segmenter(ck, device="cpu"), pairs)
+    assert o.dice == 1.0
+
+
+def test_train_three_classes_with_calibration(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m3.safetensors"
+    imgs, masks = str(dataset / "images"), str(dataset / "masks")
+    argv = ["train", "--images", imgs, "--masks", masks, "-o", str(out), *TRAIN_TINY, "--classes", "3"]
+    assert main([*argv, "--calibrate"]) == 2
+    assert "--calibrate needs a validation set" in _error_line(capsys)
+    assert not out.exists()
+    assert main([*argv, "--calibrate", "--val-images", imgs, "--val-masks", masks]) == 0
+    ck = unet.load_checkpoint(out)
+    assert ck.config.num_classes == 3
+    assert ck.class_names == ("background", "nucleus", "boundary") and ck.foreground == (1, 2)
+    info = ck.info
+    assert "--classes 3" in info["command"] and info["command"].endswith("--calibrate")
+    assert info["calibration"]["background_logit_offset"] in [round(0.1 * i, 1) for i in range(-20, 11)]
+    # calibrated on the validation set: it can only have helped there (fp16 storage aside)
+    assert info["held_out"]["dice"] >= info["calibration"]["dice_before"] - 1e-3
+
+
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("unet-tile: error: ")

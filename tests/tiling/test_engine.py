@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -150,3 +153,40 @@ def test_normalize_is_applied_per_tile_batch() -> None:
         img, identity, depth=4, output="probabilities", normalize=lambda x: (x / 10).astype(np.float32)
     )
     np.testing.assert_array_equal(out, np.ones((1, 20, 20), np.float32))
+
+
+class _InlineIdentity:
+    """The identity network, declaring that the host has no spare core for a reader thread."""
+
+    overlap_host_work = False
+
+    def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return identity(x)
+
+
+@pytest.mark.parametrize("model", [identity, _InlineIdentity()], ids=["threaded", "inline"])
+def test_tiles_are_read_on_a_worker_thread_only_where_that_overlaps(model: object) -> None:
+    readers: set[str] = set()
+
+    def normalize(x: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
+        readers.add(threading.current_thread().name)
+        return x.astype(np.float32)
+
+    img = np.random.default_rng(3).integers(0, 4000, (900, 1000), dtype=np.uint16)
+    out = tiling.segment(img, model, depth=4, output="probabilities", batch_size=2, normalize=normalize)
+    np.testing.assert_array_equal(out[0], img.astype(np.float32))
+    inline = isinstance(model, _InlineIdentity)
+    assert readers == ({threading.current_thread().name} if inline else {"tile-reader_0"})
+
+
+def test_torch_predictor_reads_in_line_when_its_threads_take_every_core() -> None:
+    predictor = tiling.TorchPredictor(make_model(base_width=2), device="cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        assert predictor.overlap_host_work is False
+        if len(os.sched_getaffinity(0)) > 1:
+            torch.set_num_threads(1)
+            assert predictor.overlap_host_work is True  # a core is left for the reader
+    finally:
+        torch.set_num_threads(before)

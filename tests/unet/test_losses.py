@@ -7,7 +7,13 @@ import torch
 from scipy import ndimage
 from torch.nn import functional
 
-from unet.losses import border_weight_map, class_balance_weights, separate_touching, weighted_cross_entropy
+from unet.losses import (
+    border_weight_map,
+    boundary_target,
+    class_balance_weights,
+    separate_touching,
+    weighted_cross_entropy,
+)
 
 
 def _touching_pair_and_loner() -> np.ndarray:
@@ -76,3 +82,25 @@ def test_weighted_cross_entropy() -> None:
     w = ones.clone().flatten()
     w[worst] = 10.0
     assert weighted_cross_entropy(logits, target, w.view(2, 8, 8)) > functional.cross_entropy(logits, target)
+
+
+def test_boundary_target_keeps_every_object_pixel_and_marks_the_contact() -> None:
+    lab = np.zeros((40, 60), np.int32)
+    lab[5:25, 5:25] = 1
+    lab[5:25, 25:45] = 2  # touching 1 along a straight edge
+    lab[30:38, 50:58] = 3
+    target = boundary_target(lab)
+    assert np.array_equal(target > 0, lab > 0)  # foreground (classes 1 and 2) = every object pixel
+    assert np.array_equal(target == 1, separate_touching(lab) == 1)  # class 1 alone keeps objects apart
+    assert np.array_equal(np.argwhere(target == 2)[:, 1], np.full(20, 25))  # the contact column of object 2
+    assert (target[30:38, 50:58] == 1).all()  # a loner has no boundary
+
+
+def test_border_weights_fall_on_the_boundary_class() -> None:
+    lab = _touching_pair_and_loner()
+    lab[10:30, 30] = 1  # close the gap: the two objects touch
+    target = boundary_target(lab)
+    w = border_weight_map(lab, num_classes=3, target=target)
+    contact = target == 2
+    assert contact.any() and w[contact].min() > 10  # class weight plus almost all of w0
+    assert w[target == 1].max() <= 5.0  # object pixels carry only their class weight

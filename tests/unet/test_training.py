@@ -63,6 +63,23 @@ def test_a_few_steps_reduce_the_loss(data: TrainingData) -> None:
     assert _eval_loss(result.model, data) < before
 
 
+def test_three_class_training_learns_the_boundary_class() -> None:
+    samples = synth_set(4, seed=0, shape=(96, 96))
+    data3 = prepare_data([s.image for s in samples], [s.labels for s in samples], Normalization(), num_classes=3)
+    assert all(np.array_equal(t > 0, s.labels > 0) for t, s in zip(data3.targets, samples, strict=True))
+    assert any((t == 2).any() for t in data3.targets)  # the synthetic nuclei touch
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_width=4, num_classes=3))
+    _, y, _ = sample_batch(data3, np.random.default_rng(5), TrainConfig(batch_size=4, patch_size=PATCH), 4)
+    assert set(y.unique().tolist()) <= {0, 1, 2}
+    result = train(model, data3, TrainConfig(steps=25, batch_size=2, patch_size=PATCH, lr=3e-3, warmup=3))
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    with pytest.raises(UNetError, match="the data has class 2"):
+        train(UNet(UNetConfig(base_width=2)), data3, TrainConfig(steps=1, patch_size=PATCH))
+    with pytest.raises(UNetError, match=r"2 classes .* or 3"):
+        prepare_data([samples[0].image], [samples[0].labels], Normalization(), num_classes=4)
+
+
 def test_runs_are_deterministic_and_resume_exactly(data: TrainingData, tmp_path: Path) -> None:
     config = TrainConfig(steps=4, batch_size=1, patch_size=PATCH, save_every=2, seed=3)
     straight = train(_model(), data, config)
