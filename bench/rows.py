@@ -92,6 +92,7 @@ def _time_passes(run: Callable[[], object], device: torch.device, min_passes: in
 
 
 def ceiling(spec: Spec) -> Result:
+    tiling.predictor.keep_freed_memory()  # what the engine's predictor does: the ceiling gets it too
     ck, image = _load(spec)
     device = tiling.resolve_device(spec["device"])
     precision = tiling.resolve_precision(spec["precision"], device)

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+import tiling
 from tiling import TilingError
 from unet import UNetError, load_checkpoint
 
@@ -178,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # before any worker thread exists, so that the server's and the jobs' inference threads
+    # share the main heap too (see tiling.keep_freed_memory: page faults on every pass otherwise)
+    tiling.keep_freed_memory()
     try:
         return int(args.func(args))
     except USER_ERRORS as e:

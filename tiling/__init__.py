@@ -11,7 +11,7 @@ from .engine import Output, ProgressCallback, predict_tiles, segment
 from .errors import TilingError
 from .padding import mirror_pad, read_window, reflect_indices
 from .plan import Tile, TilePlan, axis_layout, default_stride, plan_tiles
-from .predictor import TorchPredictor, resolve_device, resolve_precision
+from .predictor import TorchPredictor, keep_freed_memory, resolve_device, resolve_precision
 
 __all__ = [
     "Output",
@@ -22,6 +22,7 @@ __all__ = [
     "TorchPredictor",
     "axis_layout",
     "default_stride",
+    "keep_freed_memory",
     "mirror_pad",
     "plan_tiles",
     "predict_tiles",
