@@ -39,7 +39,7 @@ from .evaluate import Overlap, overlap
 from .io import read_image
 from .segmenter import Segmenter
 
-__all__ = ["Pair", "evaluate_pairs", "find_pairs", "register"]
+__all__ = ["Pair", "calibrate_background", "evaluate_pairs", "find_pairs", "register"]
 
 log = logging.getLogger(__name__)
 
