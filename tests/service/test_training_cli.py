@@ -74,35 +74,6 @@ def test_train_then_evaluate(dataset: Path, tmp_path: Path, capsys: pytest.Captu
     assert float(overall[1]) == pytest.approx(info["held_out"]["dice"], abs=1e-4)  # same engine, same numbers
 
 
-def test_evaluate_scores_a_perfect_model_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A checkpoint whose network outputs 'nucleus' where the input is bright: Dice 1 on a clean mask."""
-    torch.manual_seed(0)
-    model = unet.UNet(unet.UNetConfig(base_width=2, batch_norm=False))
-    with torch.no_grad():  # every layer passes the (centre) input through: channel 0 of each conv
-        for p in model.parameters():
-            p.zero_()
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
-                m.weight[0, 0, 1, 1] = 1.0
-            if isinstance(m, torch.nn.ConvTranspose2d):
-                m.weight[0, 0] = 1.0
-        model.head.weight[1, 0, 0, 0] = 1.0
-        model.head.bias[1] = -0.5
-    unet.save_checkpoint(tmp_path / "thr.safetensors", model, class_names=["background", "nucleus"])
-    (tmp_path / "i").mkdir()
-    (tmp_path / "m").mkdir()
-    mask = np.zeros((40, 50), np.uint16)
-    mask[5:15, 5:20] = 1
-    mask[25:35, 30:45] = 2
-    tifffile.imwrite(tmp_path / "i" / "a.tif", (mask > 0).astype(np.uint8) * 200 + 10)
-    tifffile.imwrite(tmp_path / "m" / "a.tif", mask)
-    argv = ["evaluate", "--images", str(tmp_path / "i"), "--masks", str(tmp_path / "m")]
-    assert main([*argv, "--checkpoint", str(tmp_path / "thr.safetensors"), "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "overall" in out
-    assert out.splitlines()[1].split() == ["a", "1.0000", "1.0000"]
-
-
 def _threshold_checkpoint(path: Path) -> Path:
     """A 2-class checkpoint whose background-vs-nucleus margin is ``normalized input - 0.5``."""
     torch.manual_seed(0)
@@ -119,6 +90,23 @@ def _threshold_checkpoint(path: Path) -> Path:
         model.head.bias[1] = -0.5
     unet.save_checkpoint(path, model, class_names=["background", "nucleus"], weights_dtype="float32")
     return path
+
+
+def test_evaluate_scores_a_perfect_model_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint whose network outputs 'nucleus' where the input is bright: Dice 1 on a clean mask."""
+    checkpoint = _threshold_checkpoint(tmp_path / "thr.safetensors")
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    mask = np.zeros((40, 50), np.uint16)
+    mask[5:15, 5:20] = 1
+    mask[25:35, 30:45] = 2
+    tifffile.imwrite(tmp_path / "i" / "a.tif", (mask > 0).astype(np.uint8) * 200 + 10)
+    tifffile.imwrite(tmp_path / "m" / "a.tif", mask)
+    argv = ["evaluate", "--images", str(tmp_path / "i"), "--masks", str(tmp_path / "m")]
+    assert main([*argv, "--checkpoint", str(checkpoint), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out
+    assert out.splitlines()[1].split() == ["a", "1.0000", "1.0000"]
 
 
 def test_calibration_picks_the_offset_that_finds_dim_objects(tmp_path: Path) -> None:
