@@ -93,14 +93,19 @@ def _time_passes(run: Callable[[], object], device: torch.device, min_passes: in
     return (time.perf_counter() - t0) / n
 
 
+def _bare_models(ck: Checkpoint, precision: str) -> tuple[dict[str, torch.nn.Module], torch.dtype | None]:
+    """The ceiling's candidate modules (as loaded, batch norm folded) and its autocast dtype."""
+    modules = {"as-loaded": ck.model.eval(), "bn-folded": tiling.predictor.fold_batch_norm(ck.model)}
+    return modules, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def ceiling(spec: Spec) -> Result:
     tiling.predictor.keep_freed_memory()  # what the engine's predictor does: the ceiling gets it too
     ck, image = _load(spec)
     device = tiling.resolve_device(spec["device"])
     precision = tiling.resolve_precision(spec["precision"], device)
     plan = _plan(ck, image)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    modules = {"as-loaded": ck.model.eval(), "bn-folded": tiling.predictor.fold_batch_norm(ck.model)}
+    modules, dtype = _bare_models(ck, precision)
     h, w = plan.tile_in
     results = []
     for (name, module), layout, batch in (
@@ -166,8 +171,7 @@ def engine(spec: Spec) -> Result:
     batch = spec.get("batch_size") or predictor.preferred_batch_size(plan.tile_in)
     predictor.predict_labels(np.zeros((1, ck.config.in_channels, *plan.tile_in), np.float32))  # warm-up
     paired = spec.get("ceiling_config") if tile_size == 388 else None
-    modules = {"as-loaded": ck.model.eval(), "bn-folded": tiling.predictor.fold_batch_norm(ck.model)}
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(predictor.precision)
+    modules, dtype = _bare_models(ck, predictor.precision)
     seconds, ceiling_s = float("inf"), float("inf")
     for _ in range(int(spec.get("pairs", 1))):  # engine and bare model alternately: same load for both
         t0 = time.perf_counter()
@@ -266,8 +270,7 @@ def http(spec: Spec) -> Result:
         ck, image = _load(spec)
         plan = _plan(ck, image)
         device = tiling.resolve_device(spec["device"])
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tiling.resolve_precision(spec["precision"], device))
-        modules = {"as-loaded": ck.model.eval(), "bn-folded": tiling.predictor.fold_batch_norm(ck.model)}
+        modules, dtype = _bare_models(ck, tiling.resolve_precision(spec["precision"], device))
         del image
     with _server(spec) as (url, proc), httpx.Client(timeout=3600) as client:
         client.post(f"{url}/segment", content=small.read_bytes(), headers=headers).raise_for_status()
