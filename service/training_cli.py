@@ -12,14 +12,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import multiprocessing
 import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ import numpy.typing as npt
 import tifffile
 import torch
 
+from tiling import resolve_device
 from unet import Checkpoint, Normalization, UNet, UNetConfig, geometry, save_checkpoint
 from unet.synth import synth_image
 from unet.training import TrainConfig, prepare_data, train
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 CLASS_NAMES = {2: ("background", "nucleus"), 3: ("background", "nucleus", "boundary")}
+_SPAWN = multiprocessing.get_context("spawn")  # no fork() of a process that may hold torch's threads
 CALIBRATION_OFFSETS = tuple(round(0.1 * i, 1) for i in range(-20, 11))  # background logit shifts tried
 
 
@@ -158,6 +163,14 @@ def _write_tiff_atomic(path: Path, data: npt.NDArray[Any]) -> None:
         raise
 
 
+def _synth_one(job: tuple[Path, int, int, tuple[int, int], str | None]) -> None:
+    out, seed, i, size, dtype = job
+    sample = synth_image(np.random.default_rng([seed, i]), size, dtype=dtype)
+    name = f"synth_{i:04d}.tif"
+    _write_tiff_atomic(out / "images" / name, sample.image)
+    _write_tiff_atomic(out / "masks" / name, sample.labels)
+
+
 def _synth(args: argparse.Namespace) -> int:
     out: Path = args.output
     images, masks = out / "images", out / "masks"
@@ -173,13 +186,18 @@ def _synth(args: argparse.Namespace) -> int:
     masks.mkdir(parents=True, exist_ok=True)
     dtype = None if args.dtype == "random" else args.dtype
     t0 = time.perf_counter()
-    for i in range(args.n):
-        sample = synth_image(np.random.default_rng([args.seed, i]), (size[0], size[1]), dtype=dtype)
-        name = f"synth_{i:04d}.tif"
-        _write_tiff_atomic(images / name, sample.image)
-        _write_tiff_atomic(masks / name, sample.labels)
-        if not args.quiet and ((i + 1) % 50 == 0 or i + 1 == args.n):
-            print(f"synth: {i + 1}/{args.n} images ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    jobs = [(out, args.seed, i, (size[0], size[1]), dtype) for i in range(args.n)]
+    done = 0
+    with contextlib.ExitStack() as stack:
+        if args.workers > 1:  # image i depends only on (seed, i): the same files for any worker count
+            pool = stack.enter_context(ProcessPoolExecutor(min(args.workers, args.n), mp_context=_SPAWN))
+            results: Iterable[None] = pool.map(_synth_one, jobs, chunksize=4)
+        else:
+            results = map(_synth_one, jobs)
+        for _ in results:
+            done += 1
+            if not args.quiet and (done % 50 == 0 or done == args.n):
+                print(f"synth: {done}/{args.n} images ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 
 
@@ -202,8 +220,10 @@ def _train_command(args: argparse.Namespace) -> str:
         "--seed", str(args.seed), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--patch-size", str(args.patch_size), "--base-width", str(args.base_width), "--depth", str(args.depth),
         "--lr", str(args.lr), "--w0", str(args.w0), "--sigma", str(args.sigma), "--ema-decay", str(args.ema_decay),
-        "--bf16" if args.bf16 else "--no-bf16", "--classes", str(args.classes),
+        "--bf16" if args.bf16 else "--no-bf16", "--classes", str(args.classes), "--device", args.device,
     ]  # fmt: skip
+    if args.dice:
+        parts += ["--dice", str(args.dice)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.val_images is not None:
@@ -211,6 +231,13 @@ def _train_command(args: argparse.Namespace) -> str:
         if args.calibrate:
             parts.append("--calibrate")
     return shlex.join(parts)
+
+
+def _loader_threads(requested: int | None, device: torch.device) -> int:
+    """Batch-cutting threads: as asked; by default 0 on a CPU (its cores train), up to 8 beside a GPU."""
+    if requested is not None:
+        return requested
+    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -221,6 +248,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.calibrate and args.val_images is None:
         raise InputError("--calibrate needs a validation set (--val-images and --val-masks)")
     geometry.check_input_size(args.patch_size, args.depth)
+    device = resolve_device(args.device)
+    args.device = device.type  # the recorded command names the device the run used
     val_pairs = find_pairs(args.val_images, args.val_masks) if args.val_images is not None else []
     images, masks = _load_training_set(args.images, args.masks)
     channels = images[0].shape[0]
@@ -240,6 +269,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         save_every=args.save_every,
         bf16=args.bf16,
+        dice=args.dice,
     )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -265,7 +295,16 @@ def _train(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    result = train(model, data, config, state_path=state, resume=args.resume, progress=progress)
+    result = train(
+        model,
+        data,
+        config,
+        state_path=state,
+        resume=args.resume,
+        progress=progress,
+        device=device,
+        loader_threads=_loader_threads(args.loader_threads, device),
+    )
     info: dict[str, Any] = {
         "command": _train_command(args),
         "seed": args.seed,
@@ -284,11 +323,12 @@ def _train(args: argparse.Namespace) -> int:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         },
     }
     if val_pairs and args.calibrate:
         ck = Checkpoint(result.model, normalization, class_names, foreground, sha256="")
-        offset, dice_at = calibrate_background(Segmenter(ck, device="cpu", batch_size=2), val_pairs)
+        offset, dice_at = calibrate_background(Segmenter(ck, device=str(device), batch_size=2), val_pairs)
         bias = result.model.head.bias
         assert bias is not None  # the 1x1 head always has one
         with torch.no_grad():
@@ -301,7 +341,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     if val_pairs:
         ck = Checkpoint(result.model, normalization, class_names, foreground, sha256="")
-        scores = _summary(evaluate_pairs(Segmenter(ck, device="cpu", batch_size=2), val_pairs))
+        scores = _summary(evaluate_pairs(Segmenter(ck, device=str(device), batch_size=2), val_pairs))
         info["held_out"] = {**{k: round(v, 4) for k, v in scores.items()}, "dir": str(args.val_images)}
         print(
             f"train: held-out Dice {scores['dice']:.4f} IoU {scores['iou']:.4f} on {len(val_pairs)} images",
@@ -363,6 +403,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--dtype", choices=["random", "uint8", "uint16"], default="random", help="pixel type (default: half each)"
     )
+    p.add_argument(
+        "--workers", type=positive_int, default=1, help="processes (default 1); the files do not depend on it"
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_synth)
 
@@ -385,6 +428,24 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads (default: torch's; 1 is best on a busy machine)"
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the network trains (default auto: CUDA when available); patches are augmented on the CPU",
+    )
+    p.add_argument(
+        "--loader-threads",
+        type=int,
+        default=None,
+        help="threads that augment the next batches during a step (default: 0 on a CPU, up to 8 beside a GPU)",
+    )
+    p.add_argument(
+        "--dice",
+        type=_nonneg_float,
+        default=0.0,
+        help="weight of a soft foreground-Dice term added to the weighted cross-entropy (default 0: off)",
     )
     p.add_argument(
         "--weights-dtype", choices=["float32", "float16"], default="float16", help="stored weights (default float16)"

@@ -49,6 +49,16 @@ def test_synth_is_reproducible(dataset: Path, tmp_path: Path) -> None:
         assert np.array_equal(a, tifffile.imread(tmp_path / "again" / "images" / name))
 
 
+def test_synth_workers_write_the_same_files(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "parallel"
+    assert main(["synth", "-o", str(out), "--n", "3", "--size", "64", "80", "--seed", "4", "--workers", "2", "-q"]) == 0
+    for kind in ("images", "masks"):
+        names = sorted(p.name for p in (dataset / kind).iterdir())
+        assert names == sorted(p.name for p in (out / kind).iterdir())
+        for name in names:
+            assert (dataset / kind / name).read_bytes() == (out / kind / name).read_bytes()
+
+
 def test_train_then_evaluate(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "m.safetensors"
     imgs, masks = str(dataset / "images"), str(dataset / "masks")
@@ -61,6 +71,7 @@ def test_train_then_evaluate(dataset: Path, tmp_path: Path, capsys: pytest.Captu
     info = ck.info
     assert info["seed"] == 5 and info["steps"] == 3 and info["wall_time_s"] >= 0
     assert info["command"].startswith("unet-tile train --images ") and "--seed 5" in info["command"]
+    assert "--device cpu" in info["command"] and "--dice" not in info["command"]  # auto resolved; no Dice term
     assert 0.0 <= info["held_out"]["dice"] <= 1.0 and info["data"]["planes"] == 3
     assert (tmp_path / "m.safetensors.state.pt").is_file()
 
@@ -144,12 +155,14 @@ def test_train_three_classes_with_calibration(
     assert main([*argv, "--calibrate"]) == 2
     assert "--calibrate needs a validation set" in _error_line(capsys)
     assert not out.exists()
-    assert main([*argv, "--calibrate", "--val-images", imgs, "--val-masks", masks]) == 0
+    extra = ["--dice", "0.5", "--loader-threads", "1", "--device", "cpu"]
+    assert main([*argv, *extra, "--calibrate", "--val-images", imgs, "--val-masks", masks]) == 0
     ck = unet.load_checkpoint(out)
     assert ck.config.num_classes == 3
     assert ck.class_names == ("background", "nucleus", "boundary") and ck.foreground == (1, 2)
     info = ck.info
     assert "--classes 3" in info["command"] and info["command"].endswith("--calibrate")
+    assert "--device cpu" in info["command"] and "--dice 0.5" in info["command"] and info["train"]["dice"] == 0.5
     assert info["calibration"]["background_logit_offset"] in [round(0.1 * i, 1) for i in range(-20, 11)]
     # calibrated on the validation set: it can only have helped there (fp16 storage aside)
     assert info["held_out"]["dice"] >= info["calibration"]["dice_before"] - 1e-3

@@ -12,7 +12,7 @@ import torch
 import tiling
 import unet
 from unet import Normalization, UNet, UNetConfig, UNetError
-from unet.losses import weighted_cross_entropy
+from unet.losses import soft_dice_loss, weighted_cross_entropy
 from unet.synth import synth_set
 from unet.training import TrainConfig, TrainingData, prepare_data, sample_batch, train
 
@@ -99,6 +99,35 @@ def test_runs_are_deterministic_and_resume_exactly(data: TrainingData, tmp_path:
     assert resumed.losses == straight.losses
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_loader_threads_and_the_dice_term_keep_runs_deterministic(data: TrainingData) -> None:
+    """Batches cut ahead on threads are the batches cut in line; the Dice term trains too."""
+    config = TrainConfig(steps=6, batch_size=2, patch_size=PATCH, seed=1, dice=1.0, lr=3e-3, warmup=2)
+    inline = train(_model(), data, config)
+    ahead = train(_model(), data, config, loader_threads=2)
+    assert ahead.losses == inline.losses
+    for (k, a), b in zip(inline.model.state_dict().items(), ahead.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    plain = train(_model(), data, TrainConfig(steps=6, batch_size=2, patch_size=PATCH, seed=1, lr=3e-3, warmup=2))
+    assert plain.losses[0] < inline.losses[0]  # same first batch and weights: the Dice term adds to the loss
+    with pytest.raises(UNetError, match="dice must be >= 0"):
+        TrainConfig(dice=-1.0)
+
+
+def test_soft_dice_loss_scores_overlap() -> None:
+    target = torch.tensor([[[0, 1, 2, 0]]])  # classes 1 and 2 are both foreground
+    sure = torch.tensor([[9.0, -9.0, -9.0, 9.0], [-9.0, 9.0, 9.0, -9.0]]).reshape(1, 2, 1, 4)  # (B, K, h, w)
+    assert float(soft_dice_loss(sure, target)) < 1e-3
+    half = torch.zeros(1, 2, 1, 4)  # p(fg) = 0.5 everywhere: Dice = 2*1 / (2 + 2) (+1 smoothing)
+    assert float(soft_dice_loss(half, target)) == pytest.approx(1 - 3 / 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_returns_a_cpu_model_that_learned(data: TrainingData) -> None:
+    result = train(_model(), data, TrainConfig(steps=25, batch_size=2, patch_size=PATCH, lr=3e-3, warmup=3), device="cuda")
+    assert next(result.model.parameters()).device.type == "cpu"
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
 
 
 def test_resume_refuses_another_configuration(data: TrainingData, tmp_path: Path) -> None:
