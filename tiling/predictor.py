@@ -231,6 +231,7 @@ class TorchPredictor:
         """Probe one tile's peak activation memory, then fill a share of what is free."""
         in_channels = next((m.in_channels for m in self.module.modules() if isinstance(m, nn.Conv2d)), 1)
         probe = np.zeros((1, in_channels, *tile_in), np.float32)
+        self.predict_labels(probe)  # first: cuDNN's algorithm search, whose scratch space can be most of the card
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
