@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from unet import Normalization, UNetError
+from unet.normalization import _percentiles
 
 
 def test_percentile_maps_low_and_high_percentiles_to_0_and_1() -> None:
@@ -59,3 +62,24 @@ def test_invalid_settings_refused(kwargs: dict[str, object]) -> None:
 def test_dict_round_trip() -> None:
     n = Normalization("fixed", mean=(1.0, 2.0), std=(3.0, 4.0))
     assert Normalization.from_dict(n.to_dict()) == n
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dtype=st.sampled_from(["uint8", "uint16", "int16", "int32", "float32"]),
+    n=st.integers(1, 2000),
+    qs=st.lists(st.floats(0, 100), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32 - 1),
+    coarse=st.booleans(),
+)
+def test_histogram_percentiles_match_numpy(dtype: str, n: int, qs: list[float], seed: int, coarse: bool) -> None:
+    """The integer fast path gives np.percentile's numbers (ties and extremes included)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = (-30000, 30000) if dtype in ("int16", "int32", "float32") else (0, np.iinfo(dtype).max)
+    values = rng.integers(lo, hi + 1, n)
+    if coarse:  # many ties
+        values = values // 1000 * 1000
+    values = values.astype(dtype)
+    quantiles = (*qs, 0.0, 1.0, 99.8, 100.0)
+    expected = np.percentile(values.astype(np.float64), quantiles)
+    np.testing.assert_allclose(_percentiles(values, quantiles), expected, rtol=1e-13, atol=1e-9)
