@@ -24,6 +24,7 @@ timed (``seconds``) and what is not:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import resource
@@ -31,7 +32,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +261,25 @@ def _server(spec: Spec) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         log.close()
 
 
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    """POST ``body`` to ``url``/segment as curl does: one ``sendall`` of the body.
+
+    Not httpx: it sends a bytes body in small chunks, ~15x slower than curl for a 275 MiB
+    upload here (6.7 s against 0.45 s), which would bill the client's cost to the server.
+    """
+    parts = urllib.parse.urlsplit(url)
+    conn = HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=3600)
+    try:
+        conn.request("POST", "/segment", body=body, headers=headers)
+        response = conn.getresponse()
+        content = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"POST /segment answered {response.status}: {content[:500]!r}")
+        return content, {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+
+
 def http(spec: Spec) -> Result:
     body = Path(spec["image_tif"]).read_bytes()
     small = Path(spec["workdir"]) / "warmup.tif"
@@ -272,25 +294,24 @@ def http(spec: Spec) -> Result:
         device = tiling.resolve_device(spec["device"])
         modules, dtype = _bare_models(ck, tiling.resolve_precision(spec["precision"], device))
         del image
-    with _server(spec) as (url, proc), httpx.Client(timeout=3600) as client:
-        client.post(f"{url}/segment", content=small.read_bytes(), headers=headers).raise_for_status()
+    with _server(spec) as (url, proc):
+        _post(url, small.read_bytes(), headers)
         seconds = float("inf")
         for _ in range(int(spec.get("pairs", 1)) if paired else 1):
             t0 = time.perf_counter()
-            response = client.post(f"{url}/segment", content=body, headers=headers)
+            content, response_headers = _post(url, body, headers)
             seconds = min(seconds, time.perf_counter() - t0)
-            response.raise_for_status()
             if paired:
                 ceiling_s = min(ceiling_s, _ceiling_seconds(ck, modules, paired, plan, device, dtype))
         rss = _vm_hwm_mb(proc.pid)
-    labels = tifffile.imread(__import__("io").BytesIO(response.content))
+    labels = tifffile.imread(io.BytesIO(content))
     _save_labels(spec, labels)
     return {
         "seconds": seconds,
         "precision": spec["precision"],
         "config": "POST /segment (raw body), server defaults",
         "peak_rss_mb": rss,
-        "server_timing": response.headers.get("server-timing", ""),
+        "server_timing": response_headers.get("server-timing", ""),
         **({"paired_ceiling_seconds": ceiling_s} if paired else {}),
     }
 
