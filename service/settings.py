@@ -25,7 +25,11 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0 in the Docker image)")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="compute device")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(default="fp32", description="compute precision")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="compute precision; auto: bf16 where the CPU/GPU computes it natively (>= 99.9 % label"
+        " agreement with fp32 on the demo data), else fp32; fp32 makes tiling exact",
+    )
     batch_size: int | None = Field(
         default=None, ge=1, description="tiles per forward pass; unset: chosen for the device"
     )

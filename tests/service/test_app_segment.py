@@ -14,8 +14,12 @@ import httpx
 import numpy as np
 import pytest
 import tifffile
+import torch
 
+import tiling
+from service.cli import build_parser
 from service.cli import main as cli_main
+from service.settings import Settings
 from unet import file_sha256
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "segment-folder.sh"
@@ -29,7 +33,8 @@ def server(launch: Callable[..., Any], small_checkpoint: Path) -> Any:
 def cli_mask(tmp_path: Path, checkpoint: Path, data: bytes, *args: str) -> np.ndarray[Any, Any]:
     src, out = tmp_path / "in.tif", tmp_path / "cli-out.tif"
     src.write_bytes(data)
-    assert cli_main(["segment", str(src), "-o", str(out), "--checkpoint", str(checkpoint), "-q", *args]) == 0
+    argv = ["segment", str(src), "-o", str(out), "--checkpoint", str(checkpoint), "--precision", "fp32", "-q"]
+    assert cli_main([*argv, *args]) == 0
     return tifffile.imread(out)
 
 
@@ -87,6 +92,19 @@ def test_model_describes_the_checkpoint(server: Any, small_checkpoint: Path) -> 
     assert body["tile"] == {"output": 388, "input": 572, "margin": 92, "period": 16}
     assert body["device"] == "cpu" and body["precision"] == "fp32"
     assert 388 in body["tile_sizes"] and 390 not in body["tile_sizes"]
+
+
+def test_default_precision_is_auto_and_the_server_reports_what_it_resolved(
+    launch: Callable[..., Any], small_checkpoint: Path, tmp_path: Path, to_tiff: Callable[..., bytes]
+) -> None:
+    """Unset, UNET_PRECISION is ``auto``: bf16 where this CPU computes it natively, else fp32."""
+    assert Settings().precision == "auto"
+    assert build_parser().parse_args(["segment", "a.tif", "-o", "b.tif"]).precision == "auto"
+    server = launch(small_checkpoint, precision="auto")
+    assert server.get("/model").json()["precision"] == tiling.resolve_precision("auto", torch.device("cpu"))
+    data = to_tiff(np.random.default_rng(1).integers(0, 4000, (300, 260), dtype=np.uint16))
+    mask, _ = decode(server.post("/segment", content=data, headers={"content-type": "image/tiff"}))
+    np.testing.assert_array_equal(mask, cli_mask(tmp_path, small_checkpoint, data, "--precision", "auto"))
 
 
 def test_openapi_documents_both_upload_forms(server: Any) -> None:

@@ -18,7 +18,7 @@ UNET_TILE = str(Path(sys.executable).with_name("unet-tile"))
 
 
 def run(*args: str | Path) -> int:
-    return main(["segment", *map(str, args), "-q"])
+    return main(["segment", *map(str, args), "--precision", "fp32", "-q"])  # exact: compared with the engine
 
 
 def expected_labels(checkpoint: Path, plane_chw: np.ndarray) -> np.ndarray:

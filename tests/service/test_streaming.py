@@ -123,7 +123,8 @@ def test_pyramid_is_an_ome_tiff_with_nearest_levels(tmp_path: Path, segmenter: S
 def test_cli_threshold_picks_the_path_and_both_agree(tmp_path: Path, checkpoint: Path) -> None:
     image = smooth_image((260, 300), seed=4)
     tifffile.imwrite(tmp_path / "in.tif", image)  # 156 kB decoded
-    common = ["segment", str(tmp_path / "in.tif"), "--checkpoint", str(checkpoint), "--tile-size", "100", "-q"]
+    common = ["segment", str(tmp_path / "in.tif"), "--checkpoint", str(checkpoint), "--tile-size", "100"]
+    common += ["--precision", "fp32", "-q"]
     assert main([*common, "-o", str(tmp_path / "mem.tif"), "--stream-above", "1"]) == 0
     assert main([*common, "-o", str(tmp_path / "str.tif"), "--stream-above", "0.1"]) == 0
     with tifffile.TiffFile(tmp_path / "mem.tif") as mem, tifffile.TiffFile(tmp_path / "str.tif") as streamed:
