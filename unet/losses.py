@@ -158,8 +158,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     >>> logits = torch.tensor([[[[9.0, -9.0]], [[-9.0, 9.0]]]])  # (1, 2, 1, 2): bg, fg
     >>> round(float(soft_dice_loss(logits, torch.tensor([[[0, 1]]]))), 4)
     0.0
-    >>> round(float(soft_dice_loss(logits, torch.tensor([[[1, 0]]]))), 4)
-    1.0
+    >>> round(float(soft_dice_loss(logits, torch.tensor([[[1, 0]]]))), 4)  # no overlap: 1 - 1/3 (smoothing +1)
+    0.6667
     """
     fg = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]  # (B, h, w)
     t = (target > 0).to(fg.dtype)
