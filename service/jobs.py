@@ -318,10 +318,21 @@ class JobStore:
         return removed
 
     def recover(self) -> list[str]:
-        """After a restart: jobs that were running are queued again. Returns their ids."""
+        """After a restart: jobs that were running are queued again. Returns their ids.
+
+        A running job whose upload is gone stopped between freeing it and recording its end;
+        it is marked failed (there is nothing left to run) rather than queued.
+        """
         requeued = []
         for record in self.records():
-            if record.state == "running":
+            if record.state == "running" and not self.input_path(record.id).exists():
+
+                def lost(r: JobRecord) -> None:
+                    r.state, r.finished = "failed", time.time()
+                    r.error = "the server stopped while this job was ending; submit the image again"
+
+                self.update(record.id, lost)
+            elif record.state == "running":
 
                 def requeue(r: JobRecord) -> None:
                     r.state, r.tiles_done, r.started = "queued", 0, None
@@ -505,9 +516,10 @@ class JobWorker:
                 result_bytes,
             )
 
+        # the upload goes first, so a client that sees the final state never finds it still on disk
+        self.store.input_path(job_id).unlink(missing_ok=True)
         with contextlib.suppress(JobNotFoundError):  # deleted meanwhile
             self.store.update(job_id, change)
-        self.store.input_path(job_id).unlink(missing_ok=True)
 
     def _segment(self, record: JobRecord, progress: Callable[[int], None]) -> None:
         src, dst = self.store.input_path(record.id), self.store.result_path(record.id)

@@ -154,10 +154,21 @@ def test_stop_requeues_the_running_job_and_a_new_worker_finishes_it(
 
 def test_recover_requeues_jobs_left_running_by_a_crash(store: JobStore) -> None:
     job_id = store.create_dir()
+    store.input_path(job_id).write_bytes(b"the upload")
     store.save(JobRecord(job_id, JobOptions(), state="running", started=1.0, tiles_done=3, tiles_total=9))
     assert store.recover() == [job_id]
     record = store.load(job_id)
     assert (record.state, record.tiles_done, record.started) == ("queued", 0, None)
+
+
+def test_recover_fails_a_running_job_whose_upload_was_already_freed(store: JobStore) -> None:
+    # a crash between freeing the upload and recording the end leaves nothing to run again
+    job_id = store.create_dir()
+    store.save(JobRecord(job_id, JobOptions(), state="running", started=1.0, tiles_done=9, tiles_total=9))
+    assert store.recover() == []
+    record = store.load(job_id)
+    assert record.state == "failed" and record.finished is not None
+    assert "submit the image again" in (record.error or "")
 
 
 def test_finished_jobs_expire(tmp_path: Path) -> None:
