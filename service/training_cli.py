@@ -387,6 +387,13 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def _pos_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -437,7 +444,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--loader-threads",
-        type=int,
+        type=_nonneg_int,
         default=None,
         help="threads that augment the next batches during a step (default: 0 on a CPU, up to 8 beside a GPU)",
     )

@@ -191,6 +191,10 @@ def test_train_refuses_bad_input_and_writes_nothing(
     tifffile.imwrite(lonely / "x.tif", np.zeros((30, 30), np.uint8))
     assert main([*base, "--images", str(lonely), "--masks", masks]) == 2
     assert "no mask" in _error_line(capsys)
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal
+        main([*base, "--images", imgs, "--masks", masks, "--loader-threads", "-1"])
+    assert exit_info.value.code == 2
+    assert "--loader-threads: expected an integer >= 0, got -1" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("m.safetensors*"))
 
 
