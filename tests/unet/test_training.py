@@ -184,6 +184,9 @@ def test_bundled_demo_checkpoint_is_what_the_readme_says_and_beats_otsu() -> Non
     assert ck.info["seed"] == 0 and ck.info["command"].startswith("unet-tile train ")
     assert ck.info["held_out"]["dice"] >= 0.94 and "--classes 3" in ck.info["command"]
     assert "background_logit_offset" in ck.info["calibration"]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert unet.checkpoint.file_sha256(unet.checkpoint.DEMO_CHECKPOINT) in readme  # the README names this file
+    assert f"--steps {ck.info['steps']} " in readme and f"--n {ck.info['data']['planes']} --seed 1" in readme
     samples = synth_set(4, seed=2027, shape=(160, 160))  # never trained on (training used seed 1)
     model_dice, otsu_dice = [], []
     for s in samples:
