@@ -125,7 +125,9 @@ def test_soft_dice_loss_scores_overlap() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_on_cuda_returns_a_cpu_model_that_learned(data: TrainingData) -> None:
-    result = train(_model(), data, TrainConfig(steps=25, batch_size=2, patch_size=PATCH, lr=3e-3, warmup=3), device="cuda")
+    result = train(
+        _model(), data, TrainConfig(steps=25, batch_size=2, patch_size=PATCH, lr=3e-3, warmup=3), device="cuda"
+    )
     assert next(result.model.parameters()).device.type == "cpu"
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
 
