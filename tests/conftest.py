@@ -35,6 +35,12 @@ def balance_classes(model: unet.UNet, x: torch.Tensor) -> unet.UNet:
 
 
 @pytest.fixture(scope="session")
+def readme() -> str:
+    """The project's README, which some tests hold to what the code does."""
+    return (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real checkpoint file: 1 input channel, 2 classes, base width 4."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"

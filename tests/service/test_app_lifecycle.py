@@ -144,8 +144,7 @@ def test_sigterm_finishes_in_flight_work_then_stops_the_rest(
     assert "Future exception was never retrieved" not in log
 
 
-def test_readme_documents_every_setting() -> None:
+def test_readme_documents_every_setting(readme: str) -> None:
     """Each UNET_* variable has a row in a settings table (the service section's, or the jobs section's)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"| `UNET_{name.upper()}` |" in readme, name

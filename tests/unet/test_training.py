@@ -178,7 +178,7 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))
 
 
-def test_bundled_demo_checkpoint_is_what_the_readme_says_and_beats_otsu() -> None:
+def test_bundled_demo_checkpoint_is_what_the_readme_says_and_beats_otsu(readme: str) -> None:
     ck = unet.load_checkpoint(unet.checkpoint.DEMO_CHECKPOINT)
     assert ck.config == UNetConfig(in_channels=1, num_classes=3, depth=4, base_width=16, batch_norm=True)
     assert ck.class_names == ("background", "nucleus", "boundary") and ck.foreground == (1, 2)
@@ -186,7 +186,6 @@ def test_bundled_demo_checkpoint_is_what_the_readme_says_and_beats_otsu() -> Non
     assert ck.info["seed"] == 0 and ck.info["command"].startswith("unet-tile train ")
     assert ck.info["held_out"]["dice"] >= 0.94 and "--classes 3" in ck.info["command"]
     assert "background_logit_offset" in ck.info["calibration"]
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     assert unet.checkpoint.file_sha256(unet.checkpoint.DEMO_CHECKPOINT) in readme  # the README names this file
     assert f"--steps {ck.info['steps']} " in readme and f"--n {ck.info['data']['planes']} --seed 1" in readme
     samples = synth_set(4, seed=2027, shape=(160, 160))  # never trained on (training used seed 1)
