@@ -77,7 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.metrics.model_info.labels(
             state.segmenter.checkpoint.sha256, str(described.device), described.precision
         ).set(1)
-        app.state.jobs = await anyio.to_thread.run_sync(start_jobs, settings, state.segmenter)
+        # jobs run their forward passes on the same executor: one torch thread pool in the process
+        jobs_segmenter = state.segmenter.running_on(state.executor)
+        app.state.jobs = await anyio.to_thread.run_sync(start_jobs, settings, jobs_segmenter)
         state.ready = True
         state.metrics.ready.set(1)
         try:
@@ -85,10 +87,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state.ready = False
             state.metrics.ready.set(0)
+            if app.state.jobs is not None:  # a running job stops at its next batch and is queued again
+                await anyio.to_thread.run_sync(app.state.jobs.stop)  # first: its batches need the executor
             executor = state.executor
             await anyio.to_thread.run_sync(lambda: executor.shutdown(wait=True, cancel_futures=True))
-            if app.state.jobs is not None:  # a running job stops at its next batch and is queued again
-                await anyio.to_thread.run_sync(app.state.jobs.stop)
             log.info("shut down")
 
     app = FastAPI(

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,35 @@ def test_worker_runs_jobs_in_memory_and_streamed_like_the_segmenter(
         with tifffile.TiffFile(store.result_path(job.id)) as t:
             assert t.pages.first.is_tiled == job.streamed
             np.testing.assert_array_equal(t.asarray(), expected)
+
+
+def test_a_worker_sharing_the_servers_executor_runs_every_forward_pass_there(
+    store: JobStore, segmenter: Segmenter
+) -> None:
+    """What the app does: the job thread keeps the host work, the model runs on the segment thread."""
+    passes: list[str] = []
+    module = segmenter.predictor.module  # type: ignore[union-attr]  # the plain TorchPredictor's
+    hook = module.register_forward_hook(lambda *_: passes.append(threading.current_thread().name))
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
+    shared = segmenter.running_on(executor)
+    worker = JobWorker(store, shared, stream_above_mb=0.05, housekeeping_s=0.2)
+    worker.start()
+    try:
+        small, big = image((90, 110)), image((240, 300), seed=1)
+        jobs = [add_job(store, worker, small, tile_size=52), add_job(store, worker, big, tile_size=52)]
+        records = [wait_for(store, job.id, lambda r: r.state in ("done", "failed")) for job in jobs]
+    finally:
+        worker.stop()
+        executor.shutdown()
+        hook.remove()
+    assert [r.state for r in records] == ["done", "done"], [r.error for r in records]
+    assert len(passes) == sum(r.tiles_total for r in records)  # batch size 1: one pass per tile
+    assert set(passes) == {"segment_0"}
+    for job, data in zip(jobs, (small, big), strict=True):
+        tifffile.imwrite(store.root / "ref.tif", data)
+        expected = segmenter.segment(read_image(store.root / "ref.tif"), tile_size=52)[0]
+        np.testing.assert_array_equal(tifffile.imread(store.result_path(job.id)), expected)
+    assert shared.describe()["precision"] == segmenter.describe()["precision"]
 
 
 def test_cancel_stops_a_running_job_and_a_queued_one(store: JobStore, worker: JobWorker) -> None:
