@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint typecheck unit bench bench-smoke clean
+.PHONY: install serve test lint typecheck unit bench bench-jobs bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ test: lint typecheck unit
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-jobs: install
+	$(PY) -m bench.jobs $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

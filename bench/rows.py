@@ -237,7 +237,8 @@ def _server(spec: Spec) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     cmd = [*_unet_tile(), "serve", "--host", "127.0.0.1", "--port", str(port), "--checkpoint", spec["checkpoint"]]
     cmd += ["--precision", spec["precision"], "--device", spec["device"], "--log-level", "warning"]
     log = open(Path(spec["workdir"]) / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "UNET_JOBS_DIR": str(Path(spec["workdir"]) / "jobs")}  # not the user's jobs directory
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

@@ -86,3 +86,24 @@ def test_monai_baseline_labels_have_the_image_shape() -> None:
     img = np.random.default_rng(1).normal(size=(100, 130)).astype(np.float32)
     labels = monai_segment(img, 2, lambda a: a.astype(np.float32))
     assert labels.shape == img.shape and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_jobs_bench_runs_a_job_alone_and_beside_requests(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "jobs.json"
+    cmd = [sys.executable, "-m", "bench.jobs", "--size", "300", "--small", "100", "--rounds", "1", "--requests", "2"]
+    cmd += ["--checkpoint", str(tiny_checkpoint), "--precision", "fp32", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["result"]
+    assert len(result["job_alone_s"]) == len(result["job_loaded_s"]) == 1
+    assert min(result["job_alone_s"] + result["job_loaded_s"]) > 0
+    assert result["request_alone_s"] > 0 and 0 < result["request_loaded_s"] <= result["request_loaded_max_s"]
+    assert result["requests_per_loaded_job"] >= 1  # the client's first request overlaps the job
+    assert set(result["ratios"]) == {
+        "job under load / job alone (time)",
+        "request during a job / request alone (latency)",
+        "both together / job alone (Mpx/s)",
+    }
+    assert all(v > 0 for v in result["ratios"].values())
+    assert "| job alone, s (each round) |" in proc.stdout
