@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -522,6 +523,14 @@ class JobWorker:
             self.store.update(job_id, change)
 
     def _segment(self, record: JobRecord, progress: Callable[[int], None]) -> None:
+        try:
+            self._segment_to_result(record, progress)
+        except CancelledError:  # a forward pass dropped by the server's executor as it shut down
+            if self._stopping.is_set():
+                raise _StopRun from None  # queued again, like any run a shutdown interrupts
+            raise
+
+    def _segment_to_result(self, record: JobRecord, progress: Callable[[int], None]) -> None:
         src, dst = self.store.input_path(record.id), self.store.result_path(record.id)
         opts = record.options
         if record.streamed:

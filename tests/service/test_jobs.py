@@ -182,6 +182,37 @@ def test_stop_requeues_the_running_job_and_a_new_worker_finishes_it(
         again.stop()
 
 
+def test_a_shutdown_that_drops_a_jobs_forward_pass_queues_the_job_again(store: JobStore, segmenter: Segmenter) -> None:
+    """The server stops jobs, waits (bounded), then shuts its executor down, dropping what is
+    still queued there: a job whose next pass was dropped must be queued again, not failed."""
+    submitted = threading.Event()
+
+    class Executor(ThreadPoolExecutor):  # a real executor that says when work arrives
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            future = super().submit(fn, *args, **kwargs)
+            submitted.set()
+            return future
+
+    executor = Executor(max_workers=1, thread_name_prefix="segment")
+    busy = threading.Event()
+    executor.submit(busy.wait)  # a long /segment request holds the model's thread
+    submitted.clear()
+    worker = JobWorker(store, segmenter.running_on(executor))
+    worker.start()
+    job = add_job(store, worker, image((200, 200)))
+    assert submitted.wait(30)  # the job's first forward pass waits behind the request
+    stopper = threading.Thread(target=worker.stop, kwargs={"timeout": 30})
+    stopper.start()
+    while not worker._stopping.is_set():  # stop() has begun
+        time.sleep(0.01)
+    executor.shutdown(wait=False, cancel_futures=True)  # what the app does once stop() gives up
+    busy.set()
+    stopper.join()
+    record = store.load(job.id)
+    assert (record.state, record.tiles_done, record.error) == ("queued", 0, None)
+    assert store.input_path(job.id).exists()  # kept for the rerun
+
+
 def test_recover_requeues_jobs_left_running_by_a_crash(store: JobStore) -> None:
     job_id = store.create_dir()
     store.input_path(job_id).write_bytes(b"the upload")
