@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint typecheck unit bench bench-jobs bench-smoke clean
+.PHONY: install serve test lint typecheck unit bench bench-jobs bench-smoke load clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: install
 
 bench-jobs: install
 	$(PY) -m bench.jobs $(BENCH_ARGS)
+
+# connections under load (not part of `make test`): 5,000 idle + 50 posting clients for 60 s on 127.0.0.1
+load: install
+	$(PY) -m bench.load --idle 5000 --clients 50 --seconds 60 $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

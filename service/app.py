@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     slots = state.slots
     assert slots is not None
     state.metrics.track(lambda: slots.queued, lambda: slots.running)
-    install_error_handlers(app)
+    install_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.include_router(health.router)
     protected = [Depends(require_api_key)]

@@ -1,7 +1,9 @@
 """The ``unet-tile`` command line: ``segment`` (and the subcommands other modules add).
 
-Exit codes: 0 success, 2 bad input or usage (one-line message on stderr, no output file
-left behind), 1 an unexpected failure.
+Exit codes: 0 success; 2 bad input or usage, or an output that cannot be written (disk
+full, disk quota exceeded, read-only file system, permission denied): a one-line message
+on stderr and no output file left behind (not even a partial one); 1 an unexpected
+failure; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import tiling
 from tiling import TilingError
 from unet import UNetError, load_checkpoint
 
-from .errors import InputError
+from .errors import InputError, StorageError, is_storage_full, storage_error
 from .io import read_header, read_image, write_tiff_atomic
 from .paths import default_checkpoint
 from .segmenter import Segmenter
@@ -30,13 +32,20 @@ __all__ = ["USER_ERRORS", "add_model_options", "build_parser", "load_segmenter",
 
 log = logging.getLogger("service")
 
-USER_ERRORS: tuple[type[Exception], ...] = (InputError, UNetError, TilingError)
+USER_ERRORS: tuple[type[Exception], ...] = (InputError, UNetError, TilingError, StorageError)
 
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _series_index(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a series index >= 0, got {text}")
     return value
 
 
@@ -72,7 +81,13 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError(f"output directory does not exist: {args.output.parent}")
     if args.pyramid and args.output_kind != "labels":
         raise InputError("--pyramid applies to labels output, not probabilities")
-    header = read_header(args.input)
+    header = read_header(args.input, series=args.series)
+    if header.series_count > 1:  # say so: a silent choice among several images is a wrong mask waiting to happen
+        print(
+            f"unet-tile: warning: input holds {header.series_count} series; segmented series {header.series}"
+            " (--series N for another)",
+            file=sys.stderr,
+        )
     segmenter = load_segmenter(args)
     segmenter.check(header)
     total = segmenter.count_tiles(header, args.tile_size, args.stride)
@@ -92,23 +107,31 @@ def _segment(args: argparse.Namespace) -> int:
             mpx = header.pixels / header.channels * (bar.n / total) / 1e6
             bar.set_postfix_str(f"{mpx / max(elapsed, 1e-9):.2f} Mpx/s", refresh=False)
 
+        writing = f"writing {args.output}"
         if streamed:
-            segment_file(
-                segmenter,
-                args.input,
-                args.output,
-                tile_size=args.tile_size,
-                stride=args.stride,
-                pyramid=args.pyramid,
-                progress=advance,
-            )
+            try:  # reads are checked (CorruptImageError): an OSError here is the output's
+                segment_file(
+                    segmenter,
+                    args.input,
+                    args.output,
+                    tile_size=args.tile_size,
+                    stride=args.stride,
+                    pyramid=args.pyramid,
+                    progress=advance,
+                    series=args.series,
+                )
+            except OSError as e:
+                raise storage_error(e, writing) from None
         else:
-            image = read_image(args.input)
+            image = read_image(args.input, series=args.series)
             result = segmenter.segment(
                 image, output=args.output_kind, tile_size=args.tile_size, stride=args.stride, progress=advance
             )
             del image
-            write_tiff_atomic(args.output, header, result)
+            try:
+                write_tiff_atomic(args.output, header, result)
+            except OSError as e:
+                raise storage_error(e, writing) from None
     log.info("wrote %s in %.2f s", args.output, time.perf_counter() - t0)
     return 0
 
@@ -143,6 +166,13 @@ def _add_segment(sub: Any) -> None:
     )
     p.add_argument(
         "--pyramid", action="store_true", help="write a pyramidal OME-TIFF (labels; implies the streamed path)"
+    )
+    p.add_argument(
+        "--series",
+        type=_series_index,
+        default=0,
+        metavar="N",
+        help="which image series of the file to segment (default 0; a warning says when there are several)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_segment)
@@ -186,6 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except USER_ERRORS as e:
         print(f"unet-tile: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_storage_full(e):
+            raise
+        doing = f"writing {e.filename}" if e.filename else "writing"
+        print(f"unet-tile: error: {storage_error(e, doing)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unet-tile: interrupted", file=sys.stderr)

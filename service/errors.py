@@ -7,13 +7,36 @@
         ├── ImageTooLargeError     more pixels/bytes than allowed        (HTTP 413)
         └── UnsupportedImageError  dtype, axes or channels not usable   (HTTP 422)
 
+    OSError
+    └── StorageError               output or temporary data could not be written
+        └── StorageFullError       no space left on the device, or the disk quota (HTTP 507)
+
+:func:`storage_error` turns the ``OSError`` of a failed write into one of the latter two,
+with a message that says what was being written (and no path): a full disk is an
+operating condition the client or user can act on, not an internal error.
+
 Errors of the lower packages (:class:`unet.UNetError`, :class:`tiling.TilingError`)
 pass through unchanged; the HTTP app maps all of them to status codes in one place.
 """
 
 from __future__ import annotations
 
-__all__ = ["CorruptImageError", "ImageTooLargeError", "InputError", "NotATiffError", "UnsupportedImageError"]
+import errno
+from typing import TypeGuard
+
+__all__ = [
+    "CorruptImageError",
+    "ImageTooLargeError",
+    "InputError",
+    "NotATiffError",
+    "StorageError",
+    "StorageFullError",
+    "UnsupportedImageError",
+    "is_storage_full",
+    "storage_error",
+]
+
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
 class InputError(ValueError):
@@ -34,3 +57,39 @@ class ImageTooLargeError(InputError):
 
 class UnsupportedImageError(InputError):
     """A readable image with a dtype, layout or channel count the model cannot take."""
+
+
+class StorageError(OSError):
+    """A write that failed (read-only file system, permission denied, ...); the message says which."""
+
+
+class StorageFullError(StorageError):
+    """A write that failed because the device (``ENOSPC``) or the disk quota (``EDQUOT``) is full."""
+
+
+def is_storage_full(exc: BaseException) -> TypeGuard[OSError]:
+    """Whether ``exc`` says the disk (or the quota) is full.
+
+    >>> import errno
+    >>> is_storage_full(OSError(errno.ENOSPC, "No space left on device")), is_storage_full(OSError(errno.EACCES, "x"))
+    (True, False)
+    """
+    return isinstance(exc, StorageFullError) or (isinstance(exc, OSError) and exc.errno in _FULL)
+
+
+def storage_error(exc: OSError, doing: str) -> StorageError:
+    """The domain error for ``exc``, raised while ``doing`` (e.g. "writing the result").
+
+    >>> import errno
+    >>> str(storage_error(OSError(errno.ENOSPC, "No space left on device", "/tmp/x"), "writing the result"))
+    'no space left on device while writing the result'
+    >>> e = storage_error(OSError(errno.EROFS, "Read-only file system", "/mnt/x"), "writing mask.tif")
+    >>> type(e).__name__, str(e)
+    ('StorageError', 'read-only file system while writing mask.tif')
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    if exc.errno in _FULL:
+        return StorageFullError(f"{_FULL[exc.errno]} while {doing}")
+    reason = (exc.strerror or type(exc).__name__).lower()
+    return StorageError(f"{reason} while {doing}")

@@ -10,6 +10,12 @@ or a filesystem path. Status codes::
     service.errors.ImageTooLargeError       413  (also: body over UNET_MAX_UPLOAD_MB)
     service.errors.UnsupportedImageError    422
     service.errors.InputError (other)       400
+    service.errors.StorageFullError         507  (also: any OSError with errno ENOSPC or EDQUOT)
+    service.jobs.InvalidJobIdError          422
+    service.jobs.JobNotFoundError           404
+    service.jobs.JobNotReadyError           409
+    service.jobs.QuotaExceededError         507  (the jobs directory's quota UNET_JOBS_QUOTA_MB)
+    service.jobs.JobError (other)           400
     unet.GeometryError / unet.UNetError     422  (e.g. a tile_size the network cannot take)
     tiling.TilingError                      422
     request validation (query options)      422
@@ -21,11 +27,18 @@ or a filesystem path. Status codes::
     └── ClientDisconnectedError                  499  (logged and counted; nobody is listening)
     anything else                           500  "internal server error" (details only in the log)
 
+A request that uvicorn cancels at the end of the shutdown grace period (the app stops its
+own work a little earlier, see :meth:`service.limits.DeviceSlots.shut_down`; what is left
+is an upload still arriving or a grace period of 0) gets the same JSON 503 with
+``Retry-After`` from :class:`ShutdownCutoffMiddleware`, not uvicorn's 500 text/plain and a
+traceback.
+
 A :class:`unet.CheckpointError` at startup is fatal: the server does not start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Mapping
@@ -35,15 +48,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tiling import TilingError
 from unet import UNetError
 
-from .errors import CorruptImageError, ImageTooLargeError, InputError, NotATiffError, UnsupportedImageError
+from .errors import (
+    CorruptImageError,
+    ImageTooLargeError,
+    InputError,
+    NotATiffError,
+    StorageFullError,
+    UnsupportedImageError,
+    is_storage_full,
+)
+from .jobs import InvalidJobIdError, JobError, JobNotFoundError, JobNotReadyError, QuotaExceededError
 
 __all__ = [
     "ClientDisconnectedError",
     "HTTPLayerError",
+    "ShutdownCutoffMiddleware",
     "TimeLimitError",
     "UnauthorizedError",
     "UnavailableError",
@@ -98,6 +122,12 @@ _STATUS: dict[type[BaseException], int] = {
     ImageTooLargeError: 413,
     UnsupportedImageError: 422,
     InputError: 400,
+    StorageFullError: 507,
+    InvalidJobIdError: 422,
+    JobNotFoundError: 404,
+    JobNotReadyError: 409,
+    QuotaExceededError: 507,
+    JobError: 400,
     UNetError: 422,
     TilingError: 422,
     UnauthorizedError: 401,
@@ -124,13 +154,27 @@ def scrub(message: str) -> str:
 def status_of(exc: BaseException) -> int:
     """The HTTP status for an error (500 for anything unexpected).
 
+    >>> import errno
     >>> status_of(NotATiffError("x")), status_of(UNetError("x")), status_of(KeyError("x"))
     (415, 422, 500)
+    >>> status_of(OSError(errno.ENOSPC, "No space left on device")), status_of(PermissionError("x"))
+    (507, 500)
     """
     for cls in type(exc).__mro__:
         if cls in _STATUS:
             return _STATUS[cls]
-    return 500
+    return 507 if is_storage_full(exc) else 500
+
+
+_DISK_FULL = "no space left on the server's storage; retry later or send a smaller image"
+
+
+def _detail(exc: BaseException) -> str:
+    """What the client is told: the error's message; for a bare ``OSError`` of a full disk, a fixed
+    sentence (its text names the file, which the client has no use for)."""
+    if isinstance(exc, OSError) and not isinstance(exc, StorageFullError) and is_storage_full(exc):
+        return _DISK_FULL
+    return str(exc)
 
 
 def error_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -141,8 +185,9 @@ async def _known(request: Request, exc: Exception) -> JSONResponse:
     status = status_of(exc)
     if status == 500:
         return await _unexpected(request, exc)
-    log.info("%s %s -> %d: %s", request.method, request.url.path, status, exc)
-    return error_response(status, str(exc), getattr(exc, "headers", None))
+    detail = _detail(exc)
+    log.info("%s %s -> %d: %s", request.method, request.url.path, status, detail)
+    return error_response(status, detail, getattr(exc, "headers", None))
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
@@ -164,12 +209,56 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the mapping above on ``app``."""
+class ShutdownCutoffMiddleware:
+    """Answer JSON 503 + ``Retry-After`` for a request that uvicorn cancels as its shutdown grace ends.
+
+    uvicorn cancels the tasks still running after ``timeout_graceful_shutdown``; the
+    ``CancelledError`` would pass every exception handler and reach uvicorn, which logs it
+    as a traceback and sends 500 text/plain. Only that cancellation reaches this far (a
+    client that leaves does not cancel the task), so it is answered here as what it is.
+    """
+
+    def __init__(self, app: ASGIApp, retry_after_s: int = 5) -> None:
+        self.app = app
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # handled: the answer below is this task's last work
+            log.info("%s %s cut off by the shutdown", scope.get("method"), scope.get("path"))
+            if started:  # mid-response: nothing valid can follow; uvicorn closes the connection
+                return
+            response = error_response(
+                503,
+                "server shutting down; the request was cut off, retry later",
+                {"Retry-After": str(self.retry_after_s)},
+            )
+            await response(scope, receive, send)
+
+
+def install_error_handlers(app: FastAPI, *, retry_after_s: int = 5) -> None:
+    """Register the mapping above on ``app`` (``retry_after_s``: sent with a shutdown's 503)."""
+    app.add_middleware(ShutdownCutoffMiddleware, retry_after_s=retry_after_s)
     handlers: dict[Any, Any] = {
         InputError: _known,
         UNetError: _known,
         TilingError: _known,
+        JobError: _known,
+        OSError: _known,  # a full disk is 507; any other OSError goes on to _unexpected (500)
         HTTPLayerError: _known,
         RequestValidationError: _validation,
         StarletteHTTPException: _http,

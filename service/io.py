@@ -5,9 +5,19 @@ declared size against the limit (a 134-byte file can claim 60000 x 60000 pixels,
 tifffile allocates what the header declares), the dtype, the axes, and that every strip
 or tile lies inside the file (a truncated file is refused, not decoded as zeros).
 
-Images are handed on as (planes, C, Y, X): channel axes are ``C`` or ``S`` (samples,
-e.g. RGB), ``Y``/``X`` are the image, every other axis (Z, T, Q, ...) is a stack axis
-segmented plane by plane and restored in the output.
+Images are handed on as (planes, C, Y, X). Axes are told apart by **position**, not by
+letter: the one ``Y`` and the one ``X`` are the image, the (single) ``C`` or ``S`` axis
+(samples, e.g. RGB) holds the channels, and every other axis is a stack axis (Z, T, Q,
+I, ... and repeated letters such as ``QQQ``), segmented plane by plane. The output
+holds the stack axes in the input's order followed by ``YX`` (probabilities: the
+classes as ``C`` before ``YX``): for the usual files, whose Y and X come last, that is
+the input's shape and axes without the channel axis. Axes that cannot be read this
+way (no Y or X, a repeated Y, X, C or S, both C and S, letters other than A-Z) are
+refused, naming them.
+
+A file may hold several series (an OME-TIFF with two images, a TIFF with a thumbnail);
+one is segmented, ``series=0`` unless asked for, and the header says how many there
+are. Pyramid levels of one series are not series.
 """
 
 from __future__ import annotations
@@ -31,12 +41,14 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "ImageData",
     "ImageHeader",
+    "check_axes",
     "check_magic",
     "check_segments",
     "encode_tiff",
     "header_of",
     "read_header",
     "read_image",
+    "series_of",
     "write_tiff_atomic",
 ]
 
@@ -56,18 +68,36 @@ class ImageHeader:
     resolution: tuple[float, float] | None  # (x, y) pixels per unit
     resolution_unit: int | None  # TIFF ResolutionUnit: 1 none, 2 inch, 3 centimeter
     imagej_spacing: float | None  # z spacing from ImageJ metadata, carried to the output
+    series: int = 0  # which of the file's series this is
+    series_count: int = 1  # how many series the file holds (pyramid levels not counted)
 
     @property
     def channel_axis(self) -> str | None:
         return next((a for a in "CS" if a in self.axes), None)
 
     @property
+    def channel_index(self) -> int | None:
+        """Position of the channel axis (``C`` or ``S``) in :attr:`axes`, if there is one."""
+        c = self.channel_axis
+        return self.axes.index(c) if c else None
+
+    @property
+    def stack_indices(self) -> tuple[int, ...]:
+        """Positions of the stack axes: every axis but Y, X and the channel axis.
+
+        >>> ImageHeader((2, 3, 4, 5, 6), "QQCYX", np.dtype("uint8"), None, None, None).stack_indices
+        (0, 1)
+        """
+        skip = {self.axes.index("Y"), self.axes.index("X"), self.channel_index}
+        return tuple(i for i in range(len(self.axes)) if i not in skip)
+
+    @property
     def stack_axes(self) -> str:
-        return "".join(a for a in self.axes if a not in "YXCS")
+        return "".join(self.axes[i] for i in self.stack_indices)
 
     @property
     def stack_shape(self) -> tuple[int, ...]:
-        return tuple(n for a, n in zip(self.axes, self.shape, strict=True) if a in self.stack_axes)
+        return tuple(self.shape[i] for i in self.stack_indices)
 
     @property
     def height(self) -> int:
@@ -79,8 +109,8 @@ class ImageHeader:
 
     @property
     def channels(self) -> int:
-        c = self.channel_axis
-        return self.shape[self.axes.index(c)] if c else 1
+        c = self.channel_index
+        return self.shape[c] if c is not None else 1
 
     @property
     def pixels(self) -> int:
@@ -109,16 +139,50 @@ def check_magic(src: Any) -> None:
         raise NotATiffError(f"not a TIFF file (starts with {head!r}); expected a TIFF image (II*/MM* header)")
 
 
-def header_of(tif: tifffile.TiffFile, max_pixels: int | None) -> ImageHeader:
-    if not tif.series:
+def check_axes(axes: str, shape: tuple[int, ...]) -> None:
+    """Refuse axes that cannot be read as stack axes + one optional channel axis + Y + X.
+
+    >>> check_axes("QQQYX", (2, 2, 2, 16, 16))
+    >>> check_axes("CYXS", (2, 16, 16, 3))
+    Traceback (most recent call last):
+    ...
+    service.errors.UnsupportedImageError: expected at most one channel axis (C or S), got axes 'CYXS' of shape (2, 16, 16, 3)
+    """
+    where = f"axes {axes!a} of shape {shape}"
+    if len(axes) != len(shape):
+        raise CorruptImageError(f"TIFF declares {where}: one axis letter per dimension expected")
+    if not all("A" <= a <= "Z" for a in axes):
+        raise UnsupportedImageError(f"expected axis letters A-Z, got {where}")
+    if axes.count("Y") != 1 or axes.count("X") != 1:
+        raise UnsupportedImageError(f"expected exactly one Y and one X axis, got {where}")
+    if axes.count("C") + axes.count("S") > 1:
+        raise UnsupportedImageError(f"expected at most one channel axis (C or S), got {where}")
+    if 0 in shape:
+        raise UnsupportedImageError(f"image has no pixels: {where}")
+
+
+def series_of(tif: tifffile.TiffFile) -> list[tifffile.TiffPageSeries]:
+    """``tif.series``, after walking the IFD chain once.
+
+    tifffile stops a circular IFD chain (an IFD pointing back to an earlier one) when it
+    lists the pages, where ``series`` alone loops over it forever: a 298-byte upload held a
+    worker and its slot, and flooded the log. Every access to a file's series goes here.
+    """
+    len(tif.pages)
+    return list(tif.series)
+
+
+def header_of(tif: tifffile.TiffFile, max_pixels: int | None, series: int = 0) -> ImageHeader:
+    """The header of series ``series`` of an open file, checked (no pixel decoded)."""
+    count = len(series_of(tif))
+    if not count:
         raise CorruptImageError("TIFF holds no image series")
-    series = tif.series[0]
-    axes, shape = series.axes, tuple(int(n) for n in series.shape)
-    if "Y" not in axes or "X" not in axes:
-        raise UnsupportedImageError(f"expected an image with Y and X axes, got axes {axes!r} of shape {shape}")
-    if "C" in axes and "S" in axes:
-        raise UnsupportedImageError(f"expected one channel axis, got both C and S in axes {axes!r}")
-    page = series.pages[0] if series.pages else None
+    if not 0 <= series < count:
+        raise UnsupportedImageError(f"series {series} does not exist: the file holds {count} series (0..{count - 1})")
+    chosen = series_of(tif)[series]
+    axes, shape = str(chosen.axes), tuple(int(n) for n in chosen.shape)
+    check_axes(axes, shape)
+    page = chosen.pages[0] if chosen.pages else None
     if page is None:
         raise CorruptImageError("TIFF series has no readable first page")
     pixels = math.prod(shape)
@@ -126,7 +190,7 @@ def header_of(tif: tifffile.TiffFile, max_pixels: int | None) -> ImageHeader:
         raise ImageTooLargeError(
             f"image declares {pixels:,} pixels (axes {axes}, shape {shape}); the limit is {max_pixels:,}"
         )
-    dtype = np.dtype(series.dtype) if series.dtype is not None else None
+    dtype = np.dtype(chosen.dtype) if chosen.dtype is not None else None
     if dtype is None or dtype.name not in SUPPORTED_DTYPES:
         raise UnsupportedImageError(
             f"unsupported pixel type {getattr(dtype, 'name', dtype)}; expected one of {', '.join(SUPPORTED_DTYPES)}"
@@ -136,19 +200,22 @@ def header_of(tif: tifffile.TiffFile, max_pixels: int | None) -> ImageHeader:
     if isinstance(page, tifffile.TiffPage) and "XResolution" in page.tags and "YResolution" in page.tags:
         try:
             rx, ry = page.get_resolution()
-            resolution, unit = (float(rx), float(ry)), int(page.resolutionunit)
-        except (ValueError, ZeroDivisionError, TypeError):
-            resolution = None
+            resolution, unit = (float(rx), float(ry)), int(tifffile.RESUNIT(int(page.resolutionunit)))
+            if not all(math.isfinite(r) and r > 0 for r in resolution):
+                resolution, unit = None, None
+        except (ValueError, ZeroDivisionError, TypeError, OverflowError):
+            # a resolution the output could not carry (unit 34049, 0/0, inf): dropped, not fatal
+            resolution, unit = None, None
     spacing = None
     if tif.imagej_metadata and "spacing" in tif.imagej_metadata:
         spacing = float(tif.imagej_metadata["spacing"])
-    return ImageHeader(shape, axes, dtype, resolution, unit, spacing)
+    return ImageHeader(shape, axes, dtype, resolution, unit, spacing, series, count)
 
 
-def check_segments(tif: tifffile.TiffFile) -> None:
+def check_segments(tif: tifffile.TiffFile, series: int = 0) -> None:
     """Refuse a file whose strips/tiles point past its end (a truncated upload)."""
     size = tif.filehandle.size
-    for page in tif.series[0].pages:
+    for page in series_of(tif)[series].pages:
         if page is None:
             raise CorruptImageError("TIFF page could not be read (truncated or corrupt)")
         for off, count in zip(page.dataoffsets, page.databytecounts, strict=False):
@@ -158,28 +225,32 @@ def check_segments(tif: tifffile.TiffFile) -> None:
                 )
 
 
-def read_header(src: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: int | None = None) -> ImageHeader:
-    """Read and check what a TIFF declares, without decoding a pixel."""
+def read_header(
+    src: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: int | None = None, series: int = 0
+) -> ImageHeader:
+    """Read and check what series ``series`` of a TIFF declares, without decoding a pixel."""
     source = _source(src)
     check_magic(source)
     try:
         with tifffile.TiffFile(source) as tif:
-            return header_of(tif, max_pixels)
+            return header_of(tif, max_pixels, series)
     except (NotATiffError, CorruptImageError, ImageTooLargeError, UnsupportedImageError):
         raise
     except Exception as e:  # tifffile raises TiffFileError, struct.error, ValueError, ...
         raise CorruptImageError(f"corrupt TIFF: {e}") from None
 
 
-def read_image(src: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: int | None = None) -> ImageData:
-    """Read a TIFF as (planes, C, Y, X) after checking its header and segments."""
+def read_image(
+    src: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: int | None = None, series: int = 0
+) -> ImageData:
+    """Read series ``series`` of a TIFF as (planes, C, Y, X) after checking its header and segments."""
     source = _source(src)
     check_magic(source)
     try:
         with tifffile.TiffFile(source) as tif:
-            header = header_of(tif, max_pixels)
-            check_segments(tif)
-            data = tif.series[0].asarray()
+            header = header_of(tif, max_pixels, series)
+            check_segments(tif, series)
+            data = series_of(tif)[series].asarray()
     except (NotATiffError, CorruptImageError, ImageTooLargeError, UnsupportedImageError):
         raise
     except MemoryError:
@@ -190,13 +261,20 @@ def read_image(src: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: in
 
 
 def _to_planes(data: npt.NDArray[Any], header: ImageHeader) -> npt.NDArray[Any]:
-    """Reorder any axes to (planes, C, Y, X) (a view where possible)."""
+    """Reorder any axes to (planes, C, Y, X) by position (a view where possible).
+
+    >>> h = ImageHeader((2, 3, 4, 5), "QXQY", np.dtype("uint8"), None, None, None)
+    >>> a = np.arange(120).reshape(2, 3, 4, 5)
+    >>> p = _to_planes(a, h)
+    >>> p.shape, bool(p[1 * 4 + 2, 0, 3, 1] == a[1, 1, 2, 3])
+    ((8, 1, 5, 3), True)
+    """
     axes = header.axes
-    order = [axes.index(a) for a in header.stack_axes]
-    if header.channel_axis:
-        order.append(axes.index(header.channel_axis))
+    order = list(header.stack_indices)
+    if header.channel_index is not None:
+        order.append(header.channel_index)
     order += [axes.index("Y"), axes.index("X")]
-    arr = data.transpose(order)
+    arr = data.reshape(header.shape).transpose(order)
     return arr.reshape(-1, header.channels, header.height, header.width)
 
 

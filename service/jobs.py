@@ -7,6 +7,12 @@ results survive a restart; a job that was running when the process stopped is qu
 again. Results expire ``ttl_s`` after their job ended, and the whole directory is held
 under a byte quota.
 
+Writers put temporary files beside their target (``.job.json.*.part``, ``.result.tif.*.part``,
+the pyramid's ``.level*.raw``) and delete them when they fail; a process killed mid-write
+cannot, so :meth:`JobStore.recover` deletes them at the next start, with the directories of
+uploads that never became a job. A result that does not fit on the disk fails its job
+with "no space left on device while writing the result" and leaves no partial file.
+
 Job ids are ``secrets.token_urlsafe(24)`` (192 random bits, 32 characters of
 ``[A-Za-z0-9_-]``) and are checked against :data:`JOB_ID_PATTERN` before they touch a path.
 
@@ -45,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import is_storage_full, storage_error
 from .io import read_image, write_tiff_atomic
 from .segmenter import Segmenter
 from .settings import Settings
@@ -102,6 +109,7 @@ class JobOptions:
     output: Literal["labels", "probabilities"] = "labels"
     tile_size: int = 388
     pyramid: bool = False
+    series: int = 0  # which image series of the file
 
 
 @dataclass
@@ -199,6 +207,7 @@ class JobStore:
     """
 
     STATE, INPUT, RESULT = "job.json", "input.tif", "result.tif"
+    PARTIALS = (".*.part", ".level*.raw")  # what the atomic writers leave if the process dies mid-write
 
     def __init__(self, root: str | os.PathLike[str], *, ttl_s: float = 86400.0, quota_bytes: int = 20 << 30) -> None:
         self.root = Path(root)
@@ -318,12 +327,51 @@ class JobStore:
                 log.warning("unreadable job record in %s; left alone", d.name)
         return removed
 
-    def recover(self) -> list[str]:
-        """After a restart: jobs that were running are queued again. Returns their ids.
+    def remove_partials(self, job_id: str) -> int:
+        """Delete the temporary files a writer left in the job's directory; returns how many.
 
-        A running job whose upload is gone stopped between freeing it and recording its end;
-        it is marked failed (there is nothing left to run) rather than queued.
+        Under the store's lock, so a record being rewritten at that moment is not touched.
         """
+        removed = 0
+        with self._lock:
+            for pattern in self.PARTIALS:
+                for f in self.dir(job_id).glob(pattern):
+                    with contextlib.suppress(FileNotFoundError):
+                        f.unlink()
+                        removed += 1
+        return removed
+
+    def _sweep(self) -> None:
+        """What a killed process left: upload directories without a record, stale temporary
+        files, and results of jobs that are not done (a rerun writes them again)."""
+        uploads = files = 0
+        for d in list(self.root.iterdir()):
+            if not (d.is_dir() and _ID.fullmatch(d.name)):
+                continue
+            if not (d / self.STATE).exists():
+                self.delete(d.name)  # an upload cut off mid-stream
+                uploads += 1
+                continue
+            files += self.remove_partials(d.name)
+            result = d / self.RESULT
+            if result.exists():
+                with contextlib.suppress(JobNotFoundError, ValueError, TypeError, KeyError):
+                    if self.load(d.name).state != "done":
+                        result.unlink(missing_ok=True)
+                        files += 1
+        if uploads or files:
+            log.info("recovery: deleted %d unfinished upload(s) and %d stale temporary file(s)", uploads, files)
+
+    def recover(self) -> list[str]:
+        """After a restart: clean up, and queue again the jobs that were running. Returns their ids.
+
+        Call it only while holding the directory (:meth:`JobWorker.start`'s lock, before any
+        request is served): then no upload or run is in progress, and everything a writer
+        left is stale (see :meth:`_sweep`). A running job whose upload is gone stopped
+        between freeing it and recording its end; it is marked failed (there is nothing left
+        to run) rather than queued.
+        """
+        self._sweep()
         requeued = []
         for record in self.records():
             if record.state == "running" and not self.input_path(record.id).exists():
@@ -347,12 +395,17 @@ class _StopRun(Exception):  # noqa: N818  (control flow, not an error)
     """Raised from the progress callback to abort a run (cancel or shutdown)."""
 
 
+class _OutOfTime(Exception):  # noqa: N818  (control flow: the job ends failed)
+    """Raised from the progress callback when a run is past the worker's ``timeout_s``."""
+
+
 class JobWorker:
     """Runs queued jobs on ``workers`` threads with one shared :class:`Segmenter`.
 
     Inputs above ``stream_above_mb`` (decoded), and pyramids, take the streamed path
-    (:func:`service.streaming.segment_file`); others the in-memory path. Cancellation and
-    shutdown raise from the engine's progress callback, so a run stops at its next batch.
+    (:func:`service.streaming.segment_file`); others the in-memory path. Cancellation,
+    shutdown and ``timeout_s`` (seconds since this attempt started; the job then fails) raise
+    from the engine's progress callback, so a run stops at its next batch.
     """
 
     def __init__(
@@ -364,8 +417,10 @@ class JobWorker:
         stream_above_mb: float = DEFAULT_STREAM_ABOVE_MB,
         max_pixels: int | None = None,
         housekeeping_s: float = 30.0,
+        timeout_s: float | None = None,
     ) -> None:
         self.store = store
+        self.timeout_s = timeout_s or None  # a run past it fails at its next batch; None or 0: no limit
         self.segmenter = segmenter
         self.workers = workers
         self.stream_above_mb = stream_above_mb
@@ -457,17 +512,23 @@ class JobWorker:
             record = None
             try:
                 record = self._claim()
+            except OSError as e:  # e.g. a full disk refusing the claim's record: the job stays queued
+                log.warning("cannot claim a job: %s", e)
             except Exception:
                 log.exception("cannot read the job queue")
             if record is None:
                 with self._wake:
                     self._wake.wait(timeout=min(1.0, self.housekeeping_s))
                 continue
-            self._run(record)
+            try:
+                self._run(record)
+            except Exception:  # its end could not be recorded (disk full?): recover() settles it at the next start
+                log.exception("job %s: cannot record how it ended", record.id)
 
     def _run(self, record: JobRecord) -> None:
         job_id, store = record.id, self.store
         done, last_save = 0, time.monotonic()
+        deadline = None if self.timeout_s is None else last_save + self.timeout_s  # this attempt's
         log.info("job %s started (%d tiles)", job_id, record.tiles_total)
 
         def progress(n: int) -> None:
@@ -475,6 +536,8 @@ class JobWorker:
             done += n
             if job_id in self._cancel or self._stopping.is_set():
                 raise _StopRun
+            if deadline is not None and time.monotonic() > deadline:
+                raise _OutOfTime
             if time.monotonic() - last_save >= _SAVE_EVERY_S:
                 last_save = time.monotonic()
                 store.update(job_id, lambda r: setattr(r, "tiles_done", done))
@@ -492,12 +555,23 @@ class JobWorker:
                 return
             self._finish(job_id, "cancelled", tiles_done=done)
             log.info("job %s cancelled after %d/%d tiles", job_id, done, record.tiles_total)
+        except _OutOfTime:
+            error = f"the job did not finish within {self.timeout_s:g} s (UNET_JOBS_TIMEOUT_S)"
+            self._finish(job_id, "failed", error=error, tiles_done=done)
+            log.info("job %s failed after %d/%d tiles: %s", job_id, done, record.tiles_total, error)
         except (ValueError, LookupError) as e:  # InputError, UNetError, TilingError: the input's fault
             self._finish(job_id, "failed", error=str(e), tiles_done=done)
             log.info("job %s failed: %s", job_id, e)
-        except Exception:
-            log.exception("job %s failed unexpectedly", job_id)
-            self._finish(job_id, "failed", error="internal error while segmenting", tiles_done=done)
+        except Exception as e:
+            if is_storage_full(e):  # the writers removed their partial files; the upload goes in _finish
+                error = (
+                    f"{storage_error(e, 'writing the result')}; delete finished jobs or free space, then submit again"
+                )
+                log.warning("job %s failed: %s", job_id, error)
+                self._finish(job_id, "failed", error=error, tiles_done=done)
+            else:
+                log.exception("job %s failed unexpectedly", job_id)
+                self._finish(job_id, "failed", error="internal error while segmenting", tiles_done=done)
         else:
             size = store.result_path(job_id).stat().st_size
             self._finish(job_id, "done", tiles_done=done, result_bytes=size)
@@ -519,6 +593,8 @@ class JobWorker:
 
         # the upload goes first, so a client that sees the final state never finds it still on disk
         self.store.input_path(job_id).unlink(missing_ok=True)
+        if state != "done":  # the writers clean up after themselves; this makes sure of it
+            self.store.remove_partials(job_id)
         with contextlib.suppress(JobNotFoundError):  # deleted meanwhile
             self.store.update(job_id, change)
 
@@ -542,9 +618,10 @@ class JobWorker:
                 pyramid=opts.pyramid,
                 max_pixels=self.max_pixels,
                 progress=progress,
+                series=opts.series,
             )
             return
-        image = read_image(src, max_pixels=self.max_pixels)
+        image = read_image(src, max_pixels=self.max_pixels, series=opts.series)
         result = self.segmenter.segment(image, output=opts.output, tile_size=opts.tile_size, progress=progress)
         write_tiff_atomic(dst, image.header, result)
 
@@ -569,6 +646,7 @@ def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker | None:
         stream_above_mb=settings.stream_above_mb,
         max_pixels=settings.jobs_max_pixels,
         housekeeping_s=min(30.0, max(settings.jobs_ttl_s / 4, 0.5)),
+        timeout_s=settings.jobs_timeout_s,
     )
     try:
         worker.start()

@@ -23,7 +23,7 @@ from unet import Checkpoint, geometry
 from .errors import UnsupportedImageError
 from .io import ImageData, ImageHeader
 
-__all__ = ["ExecutorPredictor", "Segmenter"]
+__all__ = ["ExecutorPredictor", "Segmenter", "mark_no_data"]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,39 @@ class ExecutorPredictor:
         return f"ExecutorPredictor({self.inner!r})"
 
 
+def mark_no_data(result: npt.NDArray[Any], image: Any, background: int) -> None:
+    """Give NaN pixels of a (C, H, W) float ``image`` the ``background`` class, in place.
+
+    NaN means "no data" (masked, outside a registered or stitched field): such a pixel is
+    labelled background whatever its neighbours look like, and in ``probabilities`` it
+    gets probability 1 for that class. (The network saw it as background intensity; see
+    :mod:`unet.normalization`.) A pixel is no-data when any of its channels is NaN.
+    ``result`` is (H, W) labels or (K, H, W) probabilities of the same area.
+
+    >>> labels = np.ones((2, 3), np.uint8)
+    >>> mark_no_data(labels, np.array([[[1, np.nan, 1], [1, 1, 1]]], np.float32), 0)
+    >>> labels.tolist()
+    [[1, 0, 1], [1, 1, 1]]
+    """
+    if np.dtype(image.dtype).kind != "f":
+        return
+    nan = np.isnan(np.asarray(image)).any(axis=0)
+    if not nan.any():
+        return
+    if result.ndim == 2:
+        result[nan] = background
+    else:
+        result[:, nan] = 0.0
+        result[background, nan] = 1.0
+
+
 class Segmenter:
-    """Segments (planes, C, Y, X) images with one checkpoint on one device."""
+    """Segments (planes, C, Y, X) images with one checkpoint on one device.
+
+    Float images may hold NaN and inf: the normalization is fitted on finite values and
+    makes every tile finite (:mod:`unet.normalization`), and NaN pixels are labelled
+    :attr:`background` (:func:`mark_no_data`), so one NaN never spoils the mask around it.
+    """
 
     def __init__(
         self, checkpoint: Checkpoint, *, device: str = "auto", precision: str = "fp32", batch_size: int | None = None
@@ -100,14 +131,23 @@ class Segmenter:
     def depth(self) -> int:
         return self.checkpoint.config.depth
 
+    @property
+    def background(self) -> int:
+        """The class of NaN (no-data) pixels: the first class that is not foreground (else 0)."""
+        foreground = set(self.checkpoint.foreground)
+        return next((k for k in range(self.checkpoint.config.num_classes) if k not in foreground), 0)
+
     def check(self, header: ImageHeader) -> None:
         """Refuse an image whose channel count does not match the model."""
         expected = self.checkpoint.config.in_channels
         if header.channels != expected:
             hint = ""
             if header.axes.startswith("S") and expected == 1:
-                hint = f" (axes {header.axes}: if these are planes, not channels, save the file with axes metadata)"
-            raise UnsupportedImageError(f"model expects {expected} channel(s), image has {header.channels}{hint}")
+                hint = "; if these are planes, not channels, save the file with axes metadata"
+            raise UnsupportedImageError(
+                f"model expects {expected} channel(s), image has {header.channels} "
+                f"(axes {header.axes!r} of shape {header.shape}{hint})"
+            )
 
     def count_tiles(self, header: ImageHeader, tile_size: int = 388, stride: int | None = None) -> int:
         plan = tiling.plan_tiles((header.height, header.width), depth=self.depth, tile_size=tile_size, stride=stride)
@@ -150,6 +190,7 @@ class Segmenter:
                 depth=self.depth,
                 progress=step,
             )
+            mark_no_data(result, plane, self.background)
             if out is None:  # one buffer for all planes: no stacked copy at the end
                 out = np.empty((len(image.planes), *result.shape), result.dtype)
             out[i] = result

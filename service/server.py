@@ -3,14 +3,19 @@
 Settings come from ``UNET_*`` environment variables (:mod:`service.settings`); flags given
 on the command line override them. uvicorn handles SIGTERM/SIGINT: it stops accepting,
 lets in-flight requests finish for up to ``UNET_SHUTDOWN_TIMEOUT_S``, then cancels what is
-left (the workers stop at their next batch) and runs the app's shutdown.
+left (the workers stop at their next batch) and runs the app's shutdown. :class:`_Server`
+tells the app when that starts, so a request still queued or running near the end of the
+grace period is answered 503 + ``Retry-After`` by the app itself. What one process holds
+(connections, header and keep-alive timeouts) is bounded by :mod:`service.connections`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,12 +27,16 @@ from unet import CheckpointError
 
 from .app import create_app
 from .cli import positive_int
+from .connections import ConnectionLimits, connection_cap, install_log_limits, protocol_class, raise_nofile_limit
+from .limits import DeviceSlots
 from .paths import default_checkpoint
 from .settings import Settings
 
 __all__ = ["register", "serve", "settings_from_args"]
 
 log = logging.getLogger(__name__)
+
+_BACKLOG = 2048  # uvicorn's default listen backlog; asyncio also accepts up to this many in one go
 
 # flag dest -> Settings field (the same name); only flags given on the command line override
 _FLAGS = (
@@ -77,6 +86,39 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def _connection_limits(settings: Settings) -> ConnectionLimits:
+    """The limits for this process, with the cap clamped below its descriptor limit."""
+    nofile = raise_nofile_limit()
+    cap = connection_cap(settings.max_connections, nofile, _BACKLOG)
+    if cap < settings.max_connections:
+        log.warning(
+            "UNET_MAX_CONNECTIONS=%d lowered to %d: the process may open %d files (RLIMIT_NOFILE)",
+            settings.max_connections,
+            cap,
+            nofile,
+        )
+    return ConnectionLimits.from_settings(settings, cap)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the device slots when its graceful shutdown starts."""
+
+    def __init__(self, config: uvicorn.Config, slots: DeviceSlots) -> None:
+        super().__init__(config)
+        self.slots = slots
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # The model, the app and every import are loaded now and live as long as the process:
+        # frozen, the collector no longer walks them. Unfrozen, each full collection took
+        # ~80-100 ms here, a stall of every connection (/healthz under a burst of thousands).
+        gc.freeze()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.slots.shut_down(float(self.config.timeout_graceful_shutdown or 0))
+        await super().shutdown(sockets)
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
@@ -96,6 +138,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logging.getLogger("service").setLevel(settings.log_level.upper())
     app = create_app(settings)
+    limits = _connection_limits(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -104,8 +147,12 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
         server_header=False,
         lifespan="on",
+        http=protocol_class(limits),  # the cap, header timeout and JSON refusals (service.connections)
+        backlog=_BACKLOG,
+        timeout_keep_alive=math.ceil(limits.keepalive_timeout_s),  # the protocol keeps the exact value
     )
-    server = uvicorn.Server(config)
+    install_log_limits()  # after Config: it configures uvicorn's loggers
+    server = _Server(config, app.state.service.slots)
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits when start-up fails (port taken, lifespan error)

@@ -55,11 +55,32 @@ class Settings(BaseSettings):
         default=2048.0, gt=0, description="most MiB the decoded image, and separately the result, may take"
     )
     max_tile_size: int = Field(default=1412, ge=4, description="largest tile_size a request may ask for")
+    max_tiles: int = Field(
+        default=4096, ge=1, description="most tiles one /segment request may run (16384² at tile 388 is 1849)"
+    )
+    max_work_per_pixel: float = Field(
+        default=64.0,
+        gt=0,
+        description="most network-input pixels a request or job may compute per image pixel (tile_size 388: ~2.2;"
+        " images under 1 MiPx count as 1 MiPx)",
+    )
     api_key: SecretStr | None = Field(default=None, description="if set, every route but /healthz and /readyz needs it")
     shutdown_timeout_s: float = Field(
         default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="log level")
+    # connections (service.connections): what one process holds, whatever its clients do
+    max_connections: int = Field(
+        default=8192,
+        ge=1,
+        description="connections held at once (clamped below RLIMIT_NOFILE); more get an immediate 503",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request head must be complete this long after connecting or a response"
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0, gt=0, description="an idle kept-alive connection is closed after this"
+    )
     # jobs (/jobs) and the streamed path for big images
     jobs_dir: Path | None = Field(
         default=None, description="job uploads, state and results; unset means <temp dir>/unet-tile-jobs"
@@ -71,7 +92,21 @@ class Settings(BaseSettings):
         default=20480.0, gt=0, description="most MiB the jobs directory may hold; more gets 507"
     )
     jobs_workers: int = Field(default=1, ge=0, description="jobs run at once (0 turns /jobs off)")
+    jobs_upload_timeout_s: float = Field(
+        default=3600.0, gt=0, description="time limit of one POST /jobs upload; past it, 408 and the upload is deleted"
+    )
+    jobs_upload_idle_s: float = Field(
+        default=60.0, gt=0, description="a POST /jobs upload that sends nothing for this long gets 408"
+    )
     jobs_max_pixels: int = Field(default=2**34, ge=1, description="most pixels a streamed job's image may declare")
+    jobs_max_tiles: int = Field(
+        default=2**18, ge=1, description="most tiles one job may run (131072² at tile 388 is 116964)"
+    )
+    jobs_timeout_s: float = Field(
+        default=86400.0,
+        ge=0,
+        description="a job still running this long after it started stops at its next batch and fails; 0: no limit",
+    )
     stream_above_mb: float = Field(
         default=256.0,
         ge=0,

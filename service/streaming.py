@@ -38,8 +38,8 @@ import tifffile
 import tiling
 
 from .errors import CorruptImageError, ImageTooLargeError, InputError, NotATiffError, UnsupportedImageError
-from .io import ImageHeader, check_magic, check_segments, header_of
-from .segmenter import Segmenter
+from .io import ImageHeader, check_magic, check_segments, header_of, series_of
+from .segmenter import Segmenter, mark_no_data
 
 __all__ = [
     "DEFAULT_STREAM_ABOVE_MB",
@@ -104,22 +104,23 @@ class _MappedArray:
 class TiffSource:
     """A TIFF opened for windowed reads; use as a context manager.
 
-    ``header`` is what the file declares (checked like :func:`service.io.read_header`,
-    and every strip/tile is checked to lie inside the file); :meth:`plane` gives plane
-    ``i`` of the (planes, C, Y, X) layout as a lazy :class:`PlaneView`.
+    ``header`` is what series ``series`` of the file declares (checked like
+    :func:`service.io.read_header`, and every strip/tile is checked to lie inside the
+    file); :meth:`plane` gives plane ``i`` of the (planes, C, Y, X) layout as a lazy
+    :class:`PlaneView`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, max_pixels: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, max_pixels: int | None = None, series: int = 0) -> None:
         self.path = Path(path)
         check_magic(self.path)
         self._store: Any = None
         try:
             with tifffile.TiffFile(self.path) as tif:
-                self.header = header_of(tif, max_pixels)
-                check_segments(tif)
-                series = tif.series[0]
-                page = series.pages[0]
-                offset = series.dataoffset
+                self.header = header_of(tif, max_pixels, series)
+                check_segments(tif, series)
+                chosen = series_of(tif)[series]
+                page = chosen.pages[0]
+                offset = chosen.dataoffset
                 chunk_bytes = math.prod(page.chunks) * self.header.dtype.itemsize  # type: ignore[union-attr]
                 compressed = page.compression != 1  # type: ignore[union-attr]
             if offset is not None and not compressed:
@@ -132,7 +133,7 @@ class TiffSource:
             else:
                 import zarr  # noqa: PLC0415  (a heavy import, needed only here)
 
-                self._store = tifffile.imread(self.path, aszarr=True, series=0, level=0)
+                self._store = tifffile.imread(self.path, aszarr=True, series=series, level=0)
                 self.array = zarr.open_array(self._store, mode="r")
         except (NotATiffError, CorruptImageError, ImageTooLargeError, UnsupportedImageError):
             self.close()
@@ -179,17 +180,23 @@ class PlaneView:
         self._stack_index = tuple(int(i) for i in np.unravel_index(index, stack)) if stack else ()
 
     def _read(self, channels: slice, rows: slice, cols: slice) -> npt.NDArray[Any]:
-        axes, key, stack = self.header.axes, [], iter(self._stack_index)
-        for a in axes:
-            key.append(rows if a == "Y" else cols if a == "X" else channels if a in "CS" else next(stack))
+        """Read by axis position (stack letters may repeat: ``QQQYX``), as (C, rows, cols)."""
+        header = self.header
+        y, x, c = header.axes.index("Y"), header.axes.index("X"), header.channel_index
+        key: list[Any] = [0] * len(header.axes)
+        for i, n in zip(header.stack_indices, self._stack_index, strict=True):
+            key[i] = n
+        key[y], key[x] = rows, cols
+        if c is not None:
+            key[c] = channels
         try:
             data = np.asarray(self.array[tuple(key)])
         except Exception as e:
             raise CorruptImageError(f"corrupt TIFF data: {e}") from None
-        kept = [a for a in axes if a in "CSYX"]  # integer-indexed stack axes are gone
-        order = [kept.index(a) for a in kept if a in "CS"] + [kept.index("Y"), kept.index("X")]
+        kept = sorted(i for i in (c, y, x) if i is not None)  # integer-indexed stack axes are gone
+        order = [kept.index(i) for i in (c, y, x) if i is not None]
         data = data.transpose(order)
-        return data if self.header.channel_axis else data[np.newaxis]
+        return data if c is not None else data[np.newaxis]
 
     def __getitem__(self, key: Any) -> npt.NDArray[Any]:
         if not isinstance(key, tuple):
@@ -220,11 +227,14 @@ def _label_bands(
 ) -> Iterator[npt.NDArray[np.uint8]]:
     """Yield the label mask of one (C, Y, X) plane as consecutive bands of full-width rows.
 
-    Same plan, normalization and predictor as :meth:`Segmenter.segment`, hence the same
-    labels; only one grid row of tiles is held at a time.
+    Same plan, normalization, predictor and no-data rule (NaN pixels are background:
+    :func:`~service.segmenter.mark_no_data`, on each tile's area, read again for float
+    images only) as :meth:`Segmenter.segment`, hence the same labels; only one grid row of
+    tiles is held at a time.
     """
     affine = segmenter.checkpoint.normalization.fit(image)  # type: ignore[arg-type]  # array-like: one bounded sample
     plan = tiling.plan_tiles(image.shape[-2:], depth=segmenter.depth, tile_size=tile_size, stride=stride)
+    floating = np.dtype(image.dtype).kind == "f"
     _, ncols = plan.grid
     band: npt.NDArray[np.uint8] | None = None
     for tile, y in tiling.predict_tiles(
@@ -235,6 +245,8 @@ def _label_bands(
             band = np.empty((rows.stop - rows.start, plan.image_shape[1]), np.uint8)
         assert band is not None
         band[:, cols] = y[tile.keep]
+        if floating:
+            mark_no_data(band[:, cols], image[:, rows, cols], segmenter.background)
         if progress is not None:
             progress(1)
         if tile.index % ncols == ncols - 1:
@@ -297,8 +309,14 @@ class _LevelSink:
             yield np.frombuffer(data, np.uint8).reshape(-1, self.width)
 
     def close(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
+        """Close and delete the file; never raises (a full disk may refuse the final flush of
+        bytes that are thrown away anyway, and the file must go regardless)."""
+        try:
+            self.file.close()
+        except OSError as e:
+            log.debug("closing a pyramid level file: %s", e)
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 def _pyramid_factors(height: int, width: int, tile: int = OUTPUT_TILE) -> list[int]:
@@ -361,13 +379,23 @@ def _write_streamed(
             for i in range(source.planes):
                 yield from _retile(band_source(i), w, OUTPUT_TILE)
 
+        metadata = {"axes": header.stack_axes + "YX"}
         with tifffile.TiffWriter(target, bigtiff=True) as tif:
-            tif.write(tiles(), shape=shape, dtype=np.uint8, metadata={"axes": header.stack_axes + "YX"}, **options)
+            if w == 1 and len(shape) > 2:
+                # tifffile drops the trailing 1 of a shaped series and would cut the tiles of a (planes, h)
+                # page instead of one per plane: such a mask is planes x h bytes, written whole
+                masks = [np.concatenate(list(band_source(i))) for i in range(source.planes)]
+                del options["tile"]
+                tif.write(np.stack(masks).reshape(shape), metadata=metadata, **options)
+            else:
+                tif.write(tiles(), shape=shape, dtype=np.uint8, metadata=metadata, **options)
         return
     if source.planes != 1:
         raise UnsupportedImageError(f"--pyramid needs a single 2-D image; this one has axes {header.axes}")
-    sinks = [_LevelSink(target.parent, f, w) for f in _pyramid_factors(h, w)]
+    sinks: list[_LevelSink] = []
     try:
+        for f in _pyramid_factors(h, w):  # in the try: a level file that cannot be made leaves none behind
+            sinks.append(_LevelSink(target.parent, f, w))
 
         def base() -> Iterator[npt.NDArray[np.uint8]]:
             y0 = 0
@@ -414,8 +442,10 @@ def segment_file(
     pyramid: bool = False,
     max_pixels: int | None = None,
     progress: Callable[[int], None] | None = None,
+    series: int = 0,
 ) -> ImageHeader:
-    """Segment a TIFF on disk into a tiled, compressed BigTIFF of uint8 labels, streaming.
+    """Segment series ``series`` of a TIFF on disk into a tiled, compressed BigTIFF of
+    uint8 labels, streaming.
 
     ``progress(n)`` is called with the number of tiles just finished; raising from it
     aborts the run and leaves no output. Returns the input's header.
@@ -423,7 +453,7 @@ def segment_file(
     target = Path(dst)
     if not target.parent.is_dir():
         raise InputError(f"output directory does not exist: {target.parent}")
-    with TiffSource(src, max_pixels=max_pixels) as source:
+    with TiffSource(src, max_pixels=max_pixels, series=series) as source:
         segmenter.check(source.header)
 
         def bands(i: int) -> Iterator[npt.NDArray[np.uint8]]:

@@ -4,6 +4,22 @@ Statistics are computed **once per image** (from a bounded, deterministic sample
 pixels), never per tile, so tiles of one image are normalized identically and there are
 no intensity jumps at tile borders. The result is a per-channel affine map
 ``x * scale + offset`` applied to each tile as it is fed to the network.
+
+Non-finite pixels (float images) never reach the network: the statistics are fitted on
+finite values only (one NaN would make every percentile NaN, one inf the span
+infinite), and each tile's raw values are made finite before the affine map:
+
+* ``NaN`` (no data) -> the channel's low end (the ``low`` percentile: 0 after
+  normalization, i.e. background intensity);
+* ``+inf`` / ``-inf`` (overflow, saturation) -> the high / low end of the fitted range
+  (1 / 0 after normalization).
+
+So a NaN or inf pixel changes the mask at most within the network's receptive field
+around it, like any dark or bright pixel would. (The service also labels NaN pixels as
+background: see :class:`service.segmenter.Segmenter`.) For ``fixed`` normalization,
+which never looks at the pixels, the ends are ``mean -+ 3 std`` (-3 and +3 after
+normalization). A channel without a finite value is "all no data": it is fitted as if
+its range were 0..1.
 """
 
 from __future__ import annotations
@@ -20,14 +36,33 @@ __all__ = ["ChannelAffine", "Normalization"]
 
 Method = Literal["percentile", "fixed"]
 _SAMPLE_PIXELS = 1 << 22  # per channel; a strided sample keeps huge images cheap
+_FIXED_ENDS = 3.0  # fixed normalization: NaN/-inf and +inf become mean -/+ this many std
 
 
 @dataclass(frozen=True)
 class ChannelAffine:
-    """Per-channel ``x * scale + offset``; call it on (..., C, H, W) arrays."""
+    """Per-channel ``x * scale + offset``; call it on (..., C, H, W) arrays.
+
+    ``low``/``high`` (raw values, per channel) say what non-finite input becomes first:
+    NaN and -inf -> ``low``, +inf -> ``high``. Without them (``()``) NaN -> the value
+    that maps to 0 and +-inf -> the values that map to 0 and 1.
+
+    >>> aff = ChannelAffine((0.01,), (-1.0,), low=(100.0,), high=(200.0,))
+    >>> aff(np.array([[[150.0, np.nan, np.inf, -np.inf]]], np.float32)).tolist()
+    [[[0.5, 0.0, 1.0, 0.0]]]
+    """
 
     scale: tuple[float, ...]
     offset: tuple[float, ...]
+    low: tuple[float, ...] = ()
+    high: tuple[float, ...] = ()
+
+    def _ends(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.low and self.high:
+            return self.low, self.high
+        zero = tuple(-o / s for s, o in zip(self.scale, self.offset, strict=True))
+        one = tuple((1 - o) / s for s, o in zip(self.scale, self.offset, strict=True))
+        return zero, one
 
     def __call__(self, x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         c = x.shape[-3]
@@ -36,6 +71,10 @@ class ChannelAffine:
         scale = np.asarray(self.scale, np.float32).reshape(c, 1, 1)
         offset = np.asarray(self.offset, np.float32).reshape(c, 1, 1)
         out = x.astype(np.float32, copy=True)
+        if np.dtype(x.dtype).kind == "f" and not np.isfinite(out).all():  # integers are finite; one pass else
+            low, high = self._ends()
+            for i in range(c):
+                np.nan_to_num(out[..., i, :, :], copy=False, nan=low[i], posinf=high[i], neginf=low[i])
         out *= scale
         out += offset
         return out
@@ -82,18 +121,31 @@ class Normalization:
         return cls(**data)
 
     def fit(self, image: npt.NDArray[Any]) -> ChannelAffine:
-        """The affine map for one (C, H, W) image (or a view/array-like of it)."""
+        """The affine map for one (C, H, W) image (or a view/array-like of it).
+
+        Fitted on the finite pixels of a bounded sample; see the module docstring for
+        what NaN and inf become.
+        """
         c = image.shape[0]
         if self.method == "fixed":
             if len(self.mean) != c:
                 raise UNetError(f"normalization stores {len(self.mean)} channel(s), image has {c}")
+            pairs = list(zip(self.mean, self.std, strict=True))
             return ChannelAffine(
-                tuple(1.0 / s for s in self.std), tuple(-m / s for m, s in zip(self.mean, self.std, strict=True))
+                tuple(1.0 / s for _, s in pairs),
+                tuple(-m / s for m, s in pairs),
+                tuple(m - _FIXED_ENDS * s for m, s in pairs),  # no pass over the pixels: memory stays O(tile)
+                tuple(m + _FIXED_ENDS * s for m, s in pairs),
             )
         sample = _sample(image).reshape(c, -1)
-        lo, hi = np.stack([_percentiles(ch, (self.low, self.high)) for ch in sample], axis=1)
+        lo, hi = np.stack([_fitted_percentiles(ch, (self.low, self.high)) for ch in sample], axis=1)
         span = np.maximum(hi - lo, 1e-6)  # a constant image maps to 0, not to inf
-        return ChannelAffine(tuple(float(v) for v in 1.0 / span), tuple(float(v) for v in -lo / span))
+        return ChannelAffine(
+            tuple(float(v) for v in 1.0 / span),
+            tuple(float(v) for v in -lo / span),
+            tuple(float(v) for v in lo),
+            tuple(float(v) for v in hi),
+        )
 
 
 def _sample(image: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -101,6 +153,26 @@ def _sample(image: npt.NDArray[Any]) -> npt.NDArray[Any]:
     h, w = image.shape[-2:]
     step = max(1, int(np.ceil(np.sqrt(h * w / _SAMPLE_PIXELS))))
     return np.asarray(image[:, ::step, ::step])
+
+
+def _finite(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """The finite values of a flat sample (integers are all finite: returned as they are)."""
+    flat = np.ravel(values)
+    return flat if flat.dtype.kind != "f" else flat[np.isfinite(flat)]
+
+
+def _fitted_percentiles(values: npt.NDArray[Any], qs: tuple[float, float]) -> npt.NDArray[np.float64]:
+    """(low, high) percentiles of the finite values; (0, 1) for a channel without any.
+
+    >>> _fitted_percentiles(np.array([np.nan, 2.0, np.inf, 4.0], np.float32), (0.0, 100.0)).tolist()
+    [2.0, 4.0]
+    >>> _fitted_percentiles(np.array([np.nan, np.nan], np.float32), (1.0, 99.8)).tolist()
+    [0.0, 1.0]
+    """
+    finite = _finite(values)
+    if finite.size == 0:
+        return np.array([0.0, 1.0])
+    return _percentiles(finite, qs)
 
 
 def _percentiles(values: npt.NDArray[Any], qs: tuple[float, ...]) -> npt.NDArray[np.float64]:

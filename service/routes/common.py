@@ -1,27 +1,164 @@
-"""Query parameters and OpenAPI pieces shared by the routes that take a TIFF upload (``/segment``, ``/jobs``)."""
+"""OpenAPI pieces shared by the routes: the one error body, the upload body and its options.
+
+Every error response is JSON ``{"detail": "<one sentence>"}`` (:mod:`service.http_errors`),
+whatever the status, request validation (422) included. :func:`error_responses` documents
+that body, a description and the headers that come with it (``Retry-After`` on 503,
+``WWW-Authenticate`` on 401) for each status a route lists, so the schema says what the
+app really answers; FastAPI's default 422 (``HTTPValidationError``, ``detail`` an array)
+is never emitted because every route with parameters lists its own 422.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
+from pydantic import BaseModel, Field
 
-__all__ = ["BINARY", "UPLOAD_DOC", "OutputQuery", "TileSizeQuery"]
+__all__ = [
+    "BINARY",
+    "TIFF",
+    "UPLOAD_DOC",
+    "ErrorDetail",
+    "JobOptionsView",
+    "JobProgress",
+    "JobView",
+    "OutputQuery",
+    "SeriesQuery",
+    "TileSizeQuery",
+    "error_responses",
+    "header",
+]
 
 BINARY: dict[str, str] = {"type": "string", "format": "binary"}
+TIFF: dict[str, Any] = {"image/tiff": {"schema": BINARY}}
 UPLOAD_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": "the TIFF as the raw body, or as multipart field `file`",
+        "description": "the TIFF as the raw body (any Content-Type but multipart/form-data), or as multipart field"
+        " `file`; an empty body or one that is not a TIFF gets 415",
         "content": {
             "image/tiff": {"schema": BINARY},
             "application/octet-stream": {"schema": BINARY},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": BINARY}, "required": ["file"]}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": BINARY}, "required": ["file"]},
+                "encoding": {"file": {"contentType": "image/tiff, application/octet-stream"}},
+            },
         },
     }
 }
 
+
+class ErrorDetail(BaseModel):
+    """The body of every 4xx/5xx response."""
+
+    detail: str = Field(description="what was wrong and what was expected, in one sentence (no paths, no traceback)")
+
+
+class JobProgress(BaseModel):
+    tiles_done: int = Field(ge=0)
+    tiles_total: int = Field(ge=0)
+    fraction: float = Field(ge=0, le=1)
+
+
+class JobOptionsView(BaseModel):
+    output: Literal["labels", "probabilities"]
+    tile_size: int
+    pyramid: bool
+    series: int = Field(default=0, ge=0, description="the image series segmented")
+
+
+class JobView(BaseModel):
+    """A job as ``GET /jobs/{id}`` shows it (``JobRecord.public``); documentation only, never used to filter."""
+
+    id: str
+    url: str = Field(description="this job's status URL")
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    options: JobOptionsView
+    image: dict[str, Any] = Field(
+        description="shape, axes and dtype of the uploaded image; series: the one segmented, series_count: how many"
+        " the file holds"
+    )
+    streamed: bool = Field(description="windowed reads and banded output instead of decoding in memory")
+    progress: JobProgress
+    created: float = Field(description="Unix time")
+    started: float | None
+    finished: float | None
+    elapsed_s: float | None
+    eta_s: float | None
+    cancel_requested: bool
+    error: str | None = Field(description="why the job failed, when it did")
+    result_url: str | None = Field(description="set once the state is done")
+    result_bytes: int | None
+    expires: float | None = Field(description="Unix time the job and its result are deleted (UNET_JOBS_TTL_S)")
+
+
+def header(description: str, schema: dict[str, Any] | None = None, *, required: bool = True) -> dict[str, Any]:
+    """One OpenAPI response header."""
+    return {"description": description, "required": required, "schema": schema or {"type": "string"}}
+
+
+# What each status means, in any route; a route may say it more precisely (see error_responses).
+_DESCRIPTIONS: dict[int, str] = {
+    400: "malformed request: a corrupt or truncated TIFF, or a multipart body without exactly one field `file`",
+    401: "missing or wrong API key (only when UNET_API_KEY is set): `Authorization: Bearer <key>`",
+    404: "no such job (unknown id, deleted, or its result expired)",
+    408: "the upload did not finish within UNET_REQUEST_TIMEOUT_S",
+    409: "the job has no result: still queued or running, failed, or cancelled",
+    413: "too large: the body over UNET_MAX_UPLOAD_MB, or the image (pixels, decoded size, result size, tiles) over"
+    " the server's limits",
+    415: "the body is empty or not a TIFF",
+    422: "invalid option (tile_size, output, series, ...), malformed job id, or an image the model cannot take"
+    " (dtype, channels, axes, compression)",
+    503: "not now: busy (queue full, too many connections), starting, or shutting down; retry after Retry-After s",
+    504: "the segmentation did not finish within UNET_REQUEST_TIMEOUT_S",
+    507: "no space left for the upload or its result (disk full, or the jobs quota UNET_JOBS_QUOTA_MB)",
+}
+
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": header('`Bearer realm="unet-tile"`')},
+    503: {"Retry-After": header("seconds to wait before retrying", {"type": "integer", "minimum": 0})},
+}
+
+
+def error_responses(*statuses: int | tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries for these error statuses: the JSON body, a description, the headers.
+
+    A ``(status, description)`` pair says what the status means on this route.
+
+    >>> r = error_responses(404, (503, "busy"))
+    >>> sorted(r), r[503]["description"], sorted(r[503]["headers"])
+    ([404, 503], 'busy', ['Retry-After'])
+    """
+    out: dict[int | str, dict[str, Any]] = {}
+    for item in statuses:
+        status, description = item if isinstance(item, tuple) else (item, _DESCRIPTIONS[item])
+        # no "content" here: FastAPI puts the model under application/json (every route's class has no
+        # media type of its own or is JSON; a test holds every error to application/json + ErrorDetail)
+        entry: dict[str, Any] = {"model": ErrorDetail, "description": description}
+        if status in _HEADERS:
+            entry["headers"] = _HEADERS[status]
+        out[status] = entry
+    return out
+
+
 OutputQuery = Annotated[
     Literal["labels", "probabilities"], Query(description="uint8 class ids or float32 per-class probabilities")
 ]
-TileSizeQuery = Annotated[int, Query(description="output tile size: 388, 644, 900, ... (16k-60 for depth 4)")]
+# The schema lists the sizes this model and UNET_MAX_TILE_SIZE allow (an enum added by routes.docs once the
+# model is loaded); validation stays in the route, whose 422 names the nearest valid sizes.
+TileSizeQuery = Annotated[
+    int,
+    Query(
+        description="output tile size: a valid size of the model (16k-60 for depth 4: 388, 644, 900, ...) up to"
+        " UNET_MAX_TILE_SIZE; GET /model lists them"
+    ),
+]
+SeriesQuery = Annotated[
+    int,
+    Query(
+        ge=0,
+        description="which image series of the file to segment (an OME-TIFF may hold several; pyramid levels are"
+        " not series); 422 names how many there are when out of range",
+    ),
+]

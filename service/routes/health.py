@@ -11,13 +11,18 @@ from fastapi import APIRouter
 
 from ..deps import StateDep
 from ..http_errors import UnavailableError
+from .common import error_responses
 
 __all__ = ["healthz", "readyz", "router"]
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers",
+    responses=error_responses((503, "too many connections, or shutting down; retry after Retry-After s")),
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -25,7 +30,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: model loaded and warmed up",
-    responses={503: {"description": "starting or shutting down"}},
+    responses=error_responses((503, "not ready: starting or shutting down, or too many connections")),
 )
 async def readyz(state: StateDep) -> dict[str, Any]:
     if not state.ready:

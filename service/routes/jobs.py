@@ -5,6 +5,11 @@
 streamed straight into the jobs directory. ``GET /jobs/{id}`` shows the state and the
 progress (tiles done/total, elapsed, ETA), ``GET /jobs/{id}/result`` the mask, and
 ``DELETE /jobs/{id}`` cancels a queued or running job or deletes a finished one.
+
+Job errors propagate to :mod:`service.http_errors`, which maps them to status codes (404,
+409, 422, 507) with everything else. An upload has a time limit overall
+(``UNET_JOBS_UPLOAD_TIMEOUT_S``) and between two chunks (``UNET_JOBS_UPLOAD_IDLE_S``): past
+either, 408 and the partial upload is deleted; a disk that fills up during it gets 507.
 """
 
 from __future__ import annotations
@@ -14,20 +19,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.requests import ClientDisconnect
 
 from ..deps import SegmenterDep, SettingsDep
-from ..errors import InputError, UnsupportedImageError
-from ..http_errors import ClientDisconnectedError
+from ..errors import InputError, UnsupportedImageError, storage_error
+from ..http_errors import ClientDisconnectedError, UnavailableError, UploadTimeoutError
 from ..io import read_header
 from ..jobs import (
     JOB_ID_PATTERN,
-    InvalidJobIdError,
-    JobError,
-    JobNotFoundError,
     JobNotReadyError,
     JobOptions,
     JobRecord,
@@ -37,7 +39,7 @@ from ..jobs import (
 from ..limits import Spool, check_request, copy_body
 from ..segmenter import Segmenter
 from ..settings import Settings
-from .common import BINARY, UPLOAD_DOC, OutputQuery, TileSizeQuery
+from .common import TIFF, UPLOAD_DOC, JobView, OutputQuery, SeriesQuery, TileSizeQuery, error_responses, header
 
 __all__ = ["delete_job", "job_result", "job_status", "router", "submit_job"]
 
@@ -45,27 +47,37 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-_STATUS = {InvalidJobIdError: 422, JobNotFoundError: 404, JobNotReadyError: 409, QuotaExceededError: 507}
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, description="the id returned by POST /jobs")]
-
-
-def _http(e: JobError) -> HTTPException:
-    return HTTPException(_STATUS.get(type(e), 400), str(e))
+# what every /jobs/{id} route may answer besides its own success
+_BY_ID_ERRORS = error_responses(
+    401,
+    404,
+    (422, "malformed job id: expected 32 characters of A-Z, a-z, 0-9, '_' or '-'"),
+    (
+        503,
+        "the job worker is not running (starting or shutting down), or too many connections; retry after Retry-After s",
+    ),
+)
 
 
 def _worker(request: Request) -> JobWorker:
     worker: JobWorker | None = getattr(request.app.state, "jobs", None)
     if worker is None:
-        raise HTTPException(503, "the job worker is not running (starting or shutting down); retry later")
+        raise UnavailableError("the job worker is not running (starting or shutting down); retry later", 1)
     return worker
 
 
 class _FileSink(Spool):
-    """Upload bytes written straight to the job's input file, under the quota."""
+    """Upload bytes written straight to the job's input file, under the quota; a full disk is 507."""
+
+    doing = "writing the upload to the jobs storage"
 
     def __init__(self, path: Path, room: int, quota_error: QuotaExceededError) -> None:
         super().__init__(threshold=0, directory=path.parent)
-        self._buf = open(path, "wb")  # noqa: SIM115  (closed by close())
+        try:
+            self._buf = open(path, "wb")  # noqa: SIM115  (closed by close())
+        except OSError as e:
+            raise storage_error(e, self.doing) from None
         self.on_disk = True
         self.room, self.quota_error = room, quota_error
 
@@ -73,18 +85,29 @@ class _FileSink(Spool):
         self.size += len(data)
         if self.size > self.room:
             raise self.quota_error
-        self._buf.write(data)
+        try:
+            self._buf.write(data)
+        except OSError as e:
+            raise storage_error(e, self.doing) from None
 
 
-async def _receive(request: Request, path: Path, room: int, worker: JobWorker) -> int:
-    """Stream the body (raw or multipart field ``file``) into ``path``; returns its size."""
+async def _receive(request: Request, path: Path, room: int, worker: JobWorker, settings: Settings) -> int:
+    """Stream the body (raw or multipart field ``file``) into ``path``, within the upload's time
+    limits; returns its size. On any error the caller deletes the job directory."""
     quota_error = QuotaExceededError(
         f"the upload does not fit in the jobs storage ({room / 2**20:,.1f} MiB free of "
         f"{worker.store.quota_bytes / 2**20:,.0f} MiB, UNET_JOBS_QUOTA_MB); DELETE finished jobs or retry later"
     )
     sink = _FileSink(path, room, quota_error)
+    limit = settings.jobs_upload_timeout_s
     try:
-        await copy_body(request, sink)
+        with anyio.fail_after(limit):
+            await copy_body(request, sink, idle_s=settings.jobs_upload_idle_s)
+        sink.file()  # flushed here, so a disk that is full for the last bytes is 507, not a truncated input
+    except TimeoutError:
+        raise UploadTimeoutError(
+            f"the upload did not complete within {limit:g} s (UNET_JOBS_UPLOAD_TIMEOUT_S)"
+        ) from None
     except ClientDisconnect:
         raise ClientDisconnectedError("client disconnected during the upload") from None
     finally:
@@ -96,7 +119,7 @@ def _admit(path: Path, segmenter: Segmenter, settings: Settings, worker: JobWork
     """Check the upload like ``/segment`` does, from its header; streamed jobs may be larger."""
     if options.pyramid and options.output != "labels":
         raise InputError("pyramid=true applies to output=labels, not probabilities")
-    header = read_header(path)
+    header = read_header(path, series=options.series)
     if options.pyramid and header.stack_axes:
         raise UnsupportedImageError(f"pyramid=true needs a single 2-D image; this one has axes {header.axes}")
     streamed = worker.decide_streamed(header, options)
@@ -104,12 +127,20 @@ def _admit(path: Path, segmenter: Segmenter, settings: Settings, worker: JobWork
     if streamed:  # windowed reads, banded output: the in-memory size limit does not apply
         limits = settings.model_copy(update={"max_pixels": worker.max_pixels or 2**62, "max_image_mb": 2.0**40})
     with open(path, "rb") as f:
-        admitted = check_request(f, segmenter, limits, output=options.output, tile_size=options.tile_size)
+        admitted = check_request(
+            f, segmenter, limits, output=options.output, tile_size=options.tile_size, jobs=True, series=options.series
+        )
     return JobRecord(
         id=path.parent.name,
         options=options,
         tiles_total=admitted.tiles,
-        image={"shape": list(header.shape), "axes": header.axes, "dtype": header.dtype.name},
+        image={
+            "shape": list(header.shape),
+            "axes": header.axes,
+            "dtype": header.dtype.name,
+            "series": header.series,
+            "series_count": header.series_count,
+        },
         streamed=streamed,
         input_bytes=path.stat().st_size,
     )
@@ -121,12 +152,37 @@ def _admit(path: Path, segmenter: Segmenter, settings: Settings, worker: JobWork
     openapi_extra=UPLOAD_DOC,
     summary="Submit a TIFF for segmentation in the background",
     responses={
-        202: {"description": "queued; poll the URL in `url` / the Location header"},
-        413: {"description": "image over the pixel limit"},
-        415: {"description": "not a TIFF"},
-        422: {"description": "unsupported image or options"},
-        503: {"description": "model or job worker not ready"},
-        507: {"description": "jobs storage quota exceeded"},
+        202: {
+            "model": JobView,
+            "description": "queued; poll the URL in `url` (also the Location header)",
+            "headers": {"Location": header("the job's status URL, `/jobs/{id}`")},
+            "links": {
+                name: {"operationRef": ref, "parameters": {"job_id": "$response.body#/id"}}
+                for name, ref in (
+                    ("status", "#/paths/~1jobs~1%7Bjob_id%7D/get"),
+                    ("result", "#/paths/~1jobs~1%7Bjob_id%7D~1result/get"),
+                    ("cancel", "#/paths/~1jobs~1%7Bjob_id%7D/delete"),
+                )
+            },
+        },
+        **error_responses(
+            400,
+            401,
+            (408, "the upload did not finish within UNET_JOBS_UPLOAD_TIMEOUT_S, or stalled UNET_JOBS_UPLOAD_IDLE_S"),
+            (413, "too large: the image (pixels, decoded size, result size), or more tiles than UNET_JOBS_MAX_TILES"),
+            415,
+            (
+                422,
+                "invalid option (tile_size, output, series, pyramid with probabilities or a stack, ...), or an"
+                " image the model cannot take (dtype, channels, axes, compression)",
+            ),
+            (
+                503,
+                "the model or the job worker is not running (starting or shutting down), or too many"
+                " connections; retry after Retry-After s",
+            ),
+            (507, "no space left for the upload: the jobs quota UNET_JOBS_QUOTA_MB, or the disk, is full"),
+        ),
     },
 )
 async def submit_job(
@@ -136,27 +192,28 @@ async def submit_job(
     output: OutputQuery = "labels",
     tile_size: TileSizeQuery = 388,
     pyramid: Annotated[bool, Query(description="labels as a pyramidal OME-TIFF (streamed)")] = False,
+    series: SeriesQuery = 0,
 ) -> JSONResponse:
+    """Queue the uploaded TIFF as a job: 202 with its id and URL.
+
+    Held to the work limits of `/segment`, with `UNET_JOBS_MAX_TILES` tiles: 422 when another
+    `tile_size` fits (the message names it), else 413. A job still running `UNET_JOBS_TIMEOUT_S`
+    after it started ends `failed`.
+    """
     worker = _worker(request)
     store = worker.store
-    options = JobOptions(output=output, tile_size=tile_size, pyramid=pyramid)
+    options = JobOptions(output=output, tile_size=tile_size, pyramid=pyramid, series=series)
     used = await anyio.to_thread.run_sync(store.usage_bytes)
     declared = request.headers.get("content-length", "")
-    try:
-        if declared.isdigit():  # refuse before reading a byte (curl waits on 100-continue)
-            store.check_quota(int(declared), used=used)
-        job_id = store.create_dir()
-    except JobError as e:
-        raise _http(e) from None
+    if declared.isdigit():  # refuse before reading a byte (curl waits on 100-continue)
+        store.check_quota(int(declared), used=used)
+    job_id = store.create_dir()
     path = store.input_path(job_id)
     try:
-        await _receive(request, path, store.quota_bytes - used, worker)
+        await _receive(request, path, store.quota_bytes - used, worker, settings)
         record = await anyio.to_thread.run_sync(lambda: _admit(path, segmenter, settings, worker, options))
         worker.submit(record)
-    except JobError as e:
-        store.delete(job_id)
-        raise _http(e) from None
-    except BaseException:
+    except BaseException:  # quota, disk full, time limit, bad image, client gone: no partial upload left
         store.delete(job_id)
         raise
     log.info(
@@ -170,13 +227,14 @@ async def submit_job(
     return JSONResponse(body, status_code=202, headers={"Location": body["url"]})
 
 
-@router.get("/{job_id}", summary="State and progress of a job")
+@router.get(
+    "/{job_id}",
+    summary="State and progress of a job",
+    responses={200: {"model": JobView, "description": "the job"}, **_BY_ID_ERRORS},
+)
 async def job_status(request: Request, job_id: JobId) -> dict[str, Any]:
     worker = _worker(request)
-    try:
-        record = await anyio.to_thread.run_sync(worker.store.load, job_id)
-    except JobError as e:
-        raise _http(e) from None
+    record = await anyio.to_thread.run_sync(worker.store.load, job_id)
     return record.public(worker.store.ttl_s)
 
 
@@ -184,21 +242,30 @@ async def job_status(request: Request, job_id: JobId) -> dict[str, Any]:
     "/{job_id}/result",
     response_class=FileResponse,
     summary="Download the mask of a finished job",
-    responses={200: {"content": {"image/tiff": {"schema": BINARY}}}, 409: {"description": "not done"}},
+    responses={
+        200: {
+            "content": TIFF,
+            "description": "the mask as a compressed TIFF (a pyramidal OME-TIFF with pyramid=true)",
+            "headers": {
+                "X-Tiles": header("tiles computed", {"type": "integer", "minimum": 0}),
+                "X-Image-Shape": header("the input's shape, e.g. `2048x2048`"),
+                "Content-Disposition": header('`attachment; filename="mask.tif"` (or `mask.ome.tif`)'),
+            },
+        },
+        **_BY_ID_ERRORS,
+        **error_responses(409),
+    },
 )
 async def job_result(request: Request, job_id: JobId) -> FileResponse:
     worker = _worker(request)
-    try:
-        record = await anyio.to_thread.run_sync(worker.store.load, job_id)
-        if record.state != "done":
-            detail = f"job is {record.state}"
-            if record.state in ("queued", "running"):
-                detail += f" ({record.tiles_done}/{record.tiles_total} tiles); poll /jobs/{job_id} until state is done"
-            elif record.error:
-                detail += f": {record.error}"
-            raise JobNotReadyError(detail)
-    except JobError as e:
-        raise _http(e) from None
+    record = await anyio.to_thread.run_sync(worker.store.load, job_id)
+    if record.state != "done":
+        detail = f"job is {record.state}"
+        if record.state in ("queued", "running"):
+            detail += f" ({record.tiles_done}/{record.tiles_total} tiles); poll /jobs/{job_id} until state is done"
+        elif record.error:
+            detail += f": {record.error}"
+        raise JobNotReadyError(detail)
     name = "mask.ome.tif" if record.options.pyramid else "mask.tif"
     return FileResponse(
         worker.store.result_path(job_id),
@@ -215,21 +282,20 @@ async def job_result(request: Request, job_id: JobId) -> FileResponse:
     "/{job_id}",
     summary="Cancel a queued or running job, or delete a finished one",
     responses={
-        200: {"description": "queued job cancelled"},
-        202: {"description": "running job: cancel requested"},
-        204: {"description": "deleted"},
+        200: {"model": JobView, "description": "a queued job: cancelled"},
+        202: {"model": JobView, "description": "a running job: cancel requested; it stops at its next batch"},
+        204: {"description": "a finished job: deleted, with its result"},
+        **_BY_ID_ERRORS,
+        **error_responses((507, "no space left on the jobs storage to record the cancel")),
     },
 )
 async def delete_job(request: Request, job_id: JobId) -> Response:
     worker = _worker(request)
-    try:
-        record = await anyio.to_thread.run_sync(worker.store.load, job_id)
-        if record.state in ("queued", "running"):
-            record = await anyio.to_thread.run_sync(worker.cancel, job_id)
-            status_code = 202 if record.state == "running" else 200
-            return JSONResponse(record.public(worker.store.ttl_s), status_code=status_code)
-        await anyio.to_thread.run_sync(worker.store.delete, job_id)
-    except JobError as e:
-        raise _http(e) from None
+    record = await anyio.to_thread.run_sync(worker.store.load, job_id)
+    if record.state in ("queued", "running"):
+        record = await anyio.to_thread.run_sync(worker.cancel, job_id)
+        status_code = 202 if record.state == "running" else 200
+        return JSONResponse(record.public(worker.store.ttl_s), status_code=status_code)
+    await anyio.to_thread.run_sync(worker.store.delete, job_id)
     log.info("job %s deleted", job_id)
     return Response(status_code=204)

@@ -8,13 +8,18 @@ from fastapi import APIRouter
 
 from ..deps import SegmenterDep, SettingsDep
 from ..limits import valid_tile_sizes
+from .common import error_responses
 
 __all__ = ["model", "router"]
 
 router = APIRouter(tags=["model"])
 
 
-@router.get("/model", summary="The loaded model: config, classes, tile geometry, device, precision, sha256")
+@router.get(
+    "/model",
+    summary="The loaded model: config, classes, tile geometry, device, precision, sha256",
+    responses=error_responses(401, 503),
+)
 async def model(segmenter: SegmenterDep, settings: SettingsDep) -> dict[str, Any]:
     described = segmenter.describe()
     described["tile_sizes"] = valid_tile_sizes(segmenter.depth, settings.max_tile_size)
@@ -23,6 +28,8 @@ async def model(segmenter: SegmenterDep, settings: SettingsDep) -> dict[str, Any
         "max_pixels": settings.max_pixels,
         "max_image_mb": settings.max_image_mb,
         "max_tile_size": settings.max_tile_size,
+        "max_tiles": settings.max_tiles,
+        "max_work_per_pixel": settings.max_work_per_pixel,
         "request_timeout_s": settings.request_timeout_s,
         "slots": settings.slots,
         "queue_size": settings.queue_size,

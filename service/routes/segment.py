@@ -20,7 +20,7 @@ from ..limits import Job, check_request, receive_upload, run_guarded
 from ..metrics import Metrics
 from ..segmenter import Segmenter
 from ..streaming import segment_file, should_stream
-from .common import BINARY, UPLOAD_DOC, OutputQuery, TileSizeQuery
+from .common import TIFF, UPLOAD_DOC, OutputQuery, SeriesQuery, TileSizeQuery, error_responses, header
 
 __all__ = ["router", "segment"]
 
@@ -29,15 +29,33 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["segment"])
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"image/tiff": {"schema": BINARY}}, "description": "the mask as a compressed TIFF"},
-    400: {"description": "corrupt or truncated TIFF, malformed body"},
-    401: {"description": "missing or wrong API key (when UNET_API_KEY is set)"},
-    408: {"description": "the upload did not finish within the time limit"},
-    413: {"description": "body over UNET_MAX_UPLOAD_MB, or image over UNET_MAX_PIXELS / UNET_MAX_IMAGE_MB"},
-    415: {"description": "not a TIFF"},
-    422: {"description": "unsupported dtype, channels or compression; invalid tile_size or options"},
-    503: {"description": "queue full or model not ready; see Retry-After"},
-    504: {"description": "the segmentation did not finish within UNET_REQUEST_TIMEOUT_S"},
+    200: {
+        "content": TIFF,
+        "description": "the mask (uint8 labels) or the float32 probabilities as a compressed TIFF with the input's"
+        " height, width, stack axes and resolution",
+        "headers": {
+            "X-Model-SHA256": header(
+                "sha256 of the checkpoint served", {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+            ),
+            "X-Tiles": header("tiles computed", {"type": "integer", "minimum": 0}),
+            "X-Image-Shape": header("the input's shape, e.g. `3x2048x2048`"),
+            "X-Image-Axes": header("the input's axes, e.g. `ZYX`"),
+            "X-Series": header("the series segmented / how many the file holds, e.g. `0/2`"),
+            "Server-Timing": header("queue, decode, infer and encode durations in ms"),
+            "Content-Disposition": header('`attachment; filename="mask.tif"`'),
+        },
+    },
+    **error_responses(
+        400,
+        401,
+        (408, "the upload did not finish within UNET_REQUEST_TIMEOUT_S"),
+        413,
+        415,
+        422,
+        (503, "busy (queue full, too many connections), starting, or shutting down; retry after Retry-After s"),
+        504,
+        (507, "no disk space left to spool the upload or write the result"),
+    ),
 }
 
 
@@ -59,10 +77,15 @@ async def segment(
     segmenter: SegmenterDep,
     output: OutputQuery = "labels",
     tile_size: TileSizeQuery = 388,
+    series: SeriesQuery = 0,
 ) -> Response:
     """Segment the uploaded TIFF; the answer has the input's height, width and stack axes.
 
     Headers: `X-Model-SHA256`, `X-Tiles`, `Server-Timing` (queue, decode, infer, encode).
+
+    The work is bounded from the header, before decoding: more than `UNET_MAX_TILES` tiles,
+    or more than `UNET_MAX_WORK_PER_PIXEL` network-input pixels per image pixel, gets 422
+    when another `tile_size` fits (the message names it), else 413.
     """
     assert state.slots is not None and state.executor is not None  # set with the segmenter
     slots, metrics = state.slots, state.metrics
@@ -75,7 +98,7 @@ async def segment(
         try:
             src = spool.file()
             admitted = await anyio.to_thread.run_sync(
-                lambda: check_request(src, segmenter, settings, output=output, tile_size=tile_size)
+                lambda: check_request(src, segmenter, settings, output=output, tile_size=tile_size, series=series)
             )
             header = admitted.header
             queued_at = time.monotonic()
@@ -89,13 +112,13 @@ async def segment(
                     assert spool.path is not None
                     try:
                         return _segment_streamed(
-                            segmenter, spool.path, job, metrics, tile_size, settings.max_pixels, timings
+                            segmenter, spool.path, job, metrics, tile_size, settings.max_pixels, timings, series
                         )
                     except UnsupportedImageError as e:  # header checks passed: only the storage layout is left
                         log.info("streamed path unavailable (%s); decoding in memory", e)
                 return _segment(segmenter, src, header, job, metrics, output, tile_size, settings.max_pixels, timings)
 
-            body = await run_guarded(request, job, state.executor, work, slots.release)
+            body = await run_guarded(request, job, state.executor, work, slots.release, slots.check_open)
         finally:
             spool.close()
         outcome = "ok"
@@ -124,6 +147,7 @@ async def segment(
             "X-Tiles": str(admitted.tiles),
             "X-Image-Shape": "x".join(map(str, header.shape)),
             "X-Image-Axes": header.axes,
+            "X-Series": f"{header.series}/{header.series_count}",
             "Server-Timing": timing,
             "Content-Disposition": 'attachment; filename="mask.tif"',
         },
@@ -156,7 +180,7 @@ def _segment(
     """Decode, segment and encode on a worker thread, stopping at the next batch if ``job`` is cancelled."""
     t0 = time.perf_counter()
     job.check()
-    image = read_image(src, max_pixels=max_pixels)
+    image = read_image(src, max_pixels=max_pixels, series=header.series)
     t1 = time.perf_counter()
 
     def progress(n: int) -> None:
@@ -180,6 +204,7 @@ def _segment_streamed(
     tile_size: int,
     max_pixels: int,
     timings: dict[str, float],
+    series: int = 0,
 ) -> bytes:
     """The streamed path for a large upload spooled to disk: windows read from the file,
     labels written band by band to a tiled BigTIFF beside it, whose (compressed) bytes are
@@ -194,7 +219,7 @@ def _segment_streamed(
     fd, out = tempfile.mkstemp(dir=os.path.dirname(path), prefix="unet-result-", suffix=".tif")
     os.close(fd)
     try:
-        segment_file(segmenter, path, out, tile_size=tile_size, max_pixels=max_pixels, progress=progress)
+        segment_file(segmenter, path, out, tile_size=tile_size, max_pixels=max_pixels, progress=progress, series=series)
         t1 = time.perf_counter()
         with open(out, "rb") as f:
             data = f.read()

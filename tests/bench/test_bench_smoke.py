@@ -107,3 +107,30 @@ def test_jobs_bench_runs_a_job_alone_and_beside_requests(tmp_path: Path, tiny_ch
     }
     assert all(v > 0 for v in result["ratios"].values())
     assert "| job alone, s (each round) |" in proc.stdout
+
+
+def test_load_bench_holds_idle_connections_beside_posting_clients_and_reports(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    out = tmp_path / "load.json"
+    cmd = [sys.executable, "-m", "bench.load", "--idle", "50", "--clients", "2", "--seconds", "2", "--ramp-s", "0.5"]
+    cmd += ["--checkpoint", str(tiny_checkpoint), "--healthz-budget-ms", "5000", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    health, clients, idle, server = report["healthz"], report["clients"], report["idle"], report["server"]
+    assert health["probes"] > 0 and health["statuses"] == {"200": health["probes"]}
+    assert 0 < health["p50_ms"] <= health["p99_ms"] <= health["max_ms"]
+    assert clients["requests"] > 0 and set(clients["statuses"]) == {"200"}
+    assert idle["held"] == 50 and idle["opened"] >= 50 and not idle["connect_errors"]
+    assert server["fds_under_load"] >= server["fds_before"] + 50  # the server did hold them
+    assert server["fds_after"] <= server["fds_before"]
+    assert server["rss_before_mb"] > 0 and server["rss_peak_mb"] >= server["rss_before_mb"]
+    assert all(report["checks"].values()), report["checks"]
+    assert "| /healthz |" in proc.stdout and "ok   server descriptors back" in proc.stdout
+
+
+def test_load_bench_refuses_a_target_off_the_loopback() -> None:
+    cmd = [sys.executable, "-m", "bench.load", "--url", "http://example.com:8000", "--seconds", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "loopback only" in proc.stderr

@@ -151,9 +151,18 @@ def to_tiff() -> Callable[..., bytes]:
     return tiff_bytes
 
 
+# What a server needs to accept ``long_job`` at tile_size=20: 15625 tiles (UNET_MAX_TILES is 4096)
+# computing 163 network-input pixels per image pixel (UNET_MAX_WORK_PER_PIXEL is 64).
+LONG_JOB_LIMITS = {"max_tiles": "20000", "max_work_per_pixel": "200"}
+
+
 @pytest.fixture(scope="session")
 def long_job() -> bytes:
-    """A 2000x2000 image that compresses to a few KB; at tile_size=20 it is 15625 tiles (minutes)."""
+    """A 2000x2000 image that compresses to a few KB; at tile_size=20 it is 15625 tiles (minutes).
+
+    The default work limits refuse that (422); servers that run it are launched with
+    ``**LONG_JOB_LIMITS``.
+    """
     return tiff_bytes(np.zeros((2000, 2000), np.uint8), compression="zlib")
 
 

@@ -11,13 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.service.conftest import LONG_JOB_LIMITS
+
 KEY = "s3cret-key"
 GOOD = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def server(launch: Callable[..., Any], small_checkpoint: Path) -> Any:
-    return launch(small_checkpoint, api_key=KEY, request_timeout_s="2")
+    return launch(small_checkpoint, api_key=KEY, request_timeout_s="2", **LONG_JOB_LIMITS)
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])

@@ -11,6 +11,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -21,6 +22,8 @@ import numpy as np
 import psutil
 import pytest
 import tifffile
+
+from tests.service.conftest import LONG_JOB_LIMITS
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "segment-folder.sh"
 
@@ -48,6 +51,7 @@ def tight(launch: Callable[..., Any], small_checkpoint: Path, spool_dir: Path) -
         spool_mb="0.1",
         spool_dir=str(spool_dir),
         log_level="debug",
+        **LONG_JOB_LIMITS,
     )
 
 
@@ -321,3 +325,40 @@ def test_beyond_slots_and_queue_requests_get_503_with_retry_after(
     text = tight.get("/metrics").text
     assert 'unet_segmentations_total{outcome="ClientDisconnectedError"} 2.0' in text
     assert 'unet_http_requests_total{method="POST",route="/segment",status="503"}' in text
+
+
+CORRUPT = Path(__file__).resolve().parents[1] / "data" / "corrupt"
+# Files schemathesis's fuzzing found (the three each got a 500, a hang or a late failure):
+# name -> the status /segment and POST /jobs must answer
+FUZZED = {
+    "bad-resolutionunit-500.tif": 200,  # ResolutionUnit 34049: segmented, the unknown unit dropped
+    "circular-ifd-hang.tif": 200,  # an IFD chain that loops back: read once, not forever
+    "truncated-stack-check-compression-500.tif": 400,  # a stack whose second IFD is cut off
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUZZED))
+def test_fuzzed_tiffs_get_an_answer_on_segment_jobs_and_the_cli(
+    server: Any, name: str, tmp_path: Path, small_checkpoint: Path
+) -> None:
+    body = (CORRUPT / name).read_bytes()
+    expected = FUZZED[name]
+    r = server.post("/segment", content=body, headers={"Content-Type": "image/tiff"}, timeout=30)
+    assert r.status_code == expected, r.text
+    if expected != 200:
+        assert "corrupt" in r.json()["detail"] or "truncated" in r.json()["detail"]
+    jobs = server.post("/jobs", content=body, headers={"Content-Type": "image/tiff"}, timeout=30)
+    assert jobs.status_code == (202 if expected == 200 else expected), jobs.text  # refused at admission, like /segment
+    out = tmp_path / "out.tif"
+    model = ["--checkpoint", str(small_checkpoint), "--precision", "fp32"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "service.cli", "segment", str(CORRUPT / name), "-o", str(out), "-q", *model],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert cli.returncode == (0 if expected == 200 else 2), cli.stderr
+    assert "Traceback" not in cli.stderr
+    assert out.exists() == (expected == 200)
+    assert server.get("/healthz").status_code == 200

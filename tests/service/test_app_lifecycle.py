@@ -23,6 +23,7 @@ import tifffile
 from service.app import create_app
 from service.server import register, settings_from_args
 from service.settings import Settings, get_settings
+from tests.service.conftest import LONG_JOB_LIMITS
 
 
 def test_settings_come_from_unet_variables_and_flags_override_them(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +112,7 @@ def test_a_bad_checkpoint_stops_the_start_with_one_line(tmp_path: Path) -> None:
 def test_sigterm_finishes_in_flight_work_then_stops_the_rest(
     launch: Callable[..., Any], small_checkpoint: Path, long_job: bytes, to_tiff: Callable[..., bytes]
 ) -> None:
-    server = launch(small_checkpoint, slots="2", shutdown_timeout_s="8")
+    server = launch(small_checkpoint, slots="2", shutdown_timeout_s="8", **LONG_JOB_LIMITS)
     medium = to_tiff(np.random.default_rng(0).integers(0, 255, (144, 144), dtype=np.uint8))  # 81 tiles at tile_size 20
     results: dict[str, Any] = {}
 

@@ -170,16 +170,16 @@ def test_results_survive_a_restart(
 
 
 def test_results_expire_and_quota_is_enforced(launch: Callable[..., Server], checkpoint: Path, tmp_path: Path) -> None:
-    server = launch(checkpoint, jobs_dir=str(tmp_path), jobs_ttl_s="1", jobs_quota_mb="0.1", device="cpu")
+    server = launch(checkpoint, jobs_dir=str(tmp_path), jobs_ttl_s="3", jobs_quota_mb="0.1", device="cpu")
     job = submit(server, tiff(image((40, 50))), tile_size=52)
-    poll(server, job["id"], lambda s: s["state"] == "done")
-    assert server.get(f"/jobs/{job['id']}/result").status_code == 200
+    done = poll(server, job["id"], lambda s: s["state"] == "done")[-1]
+    assert server.get(f"/jobs/{job['id']}/result").status_code == 200  # within its 3 s
     big = tiff(image((300, 300), seed=4))  # 180 kB > 0.1 MiB
     r = server.post("/jobs", content=big)
     assert r.status_code == 507 and "UNET_JOBS_QUOTA_MB" in r.json()["detail"]
     r = server.post("/jobs", content=iter([big[:50_000], big[50_000:]]))  # chunked: no Content-Length to check first
     assert r.status_code == 507, r.text
-    time.sleep(1.2)
+    time.sleep(max(0.0, done["expires"] - time.time()) + 0.2)  # past its expiry, by the server's clock
     assert server.get(f"/jobs/{job['id']}").status_code == 404
     assert server.get(f"/jobs/{job['id']}/result").status_code == 404
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]

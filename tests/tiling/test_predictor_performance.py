@@ -142,8 +142,11 @@ with ThreadPoolExecutor(1) as pool:  # inference on a worker thread, as in the s
 def test_repeated_passes_on_a_worker_thread_reuse_their_memory() -> None:
     """With keep_freed_memory() called first (as ``unet-tile`` does), warm forward passes on
     a worker thread page-fault (almost) nothing: activation memory is reused, not mapped
-    afresh. glibc's defaults fault thousands of pages per pass. Fresh processes, so the
-    allocator state is that of a real start."""
+    afresh. Fresh processes, so the allocator state is that of a real start.
+
+    What glibc's defaults do is a fact of the machine (they faulted thousands of pages per
+    pass on a Xeon with glibc 2.36 and none on a Zen 5 with the same glibc), so the default
+    is only compared with where it is seen to fault."""
     root = Path(__file__).resolve().parents[2]
 
     def run(mode: str) -> dict[str, float]:
@@ -156,7 +159,9 @@ def test_repeated_passes_on_a_worker_thread_reuse_their_memory() -> None:
     tuned = run("tuned")
     if not tuned["applied"]:
         pytest.skip("this libc has no mallopt")
-    default = run("default")
-    # one pass touches ~80 MiB of activations (~20,000 pages)
+    # one pass touches ~80 MiB of activations (~20,000 pages); the tuned allocator reuses them
     assert tuned["faults"] < 500
-    assert default["faults"] > 5 * max(tuned["faults"], 100)
+    default = run("default")
+    print(f"page faults per warm pass: tuned {tuned['faults']:.0f}, glibc defaults {default['faults']:.0f}")
+    if default["faults"] >= 2500:  # where the defaults are seen to fault, the tuning is what stops it
+        assert default["faults"] > 5 * max(tuned["faults"], 100)
