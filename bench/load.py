@@ -35,7 +35,6 @@ import platform
 import resource
 import selectors
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +50,8 @@ from typing import Any
 import numpy as np
 import psutil
 import tifffile
+
+from .serving import running_server
 
 __all__ = ["main"]
 
@@ -89,28 +90,12 @@ def _server(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[str, int]
         key, _, value = item.partition("=")
         env[key] = value
     log_path = workdir / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "service.cli", "serve"]
     try:
-        deadline = time.monotonic() + 180
-        while _get(url, "/readyz")[0] != 200:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready within 180 s")
-            time.sleep(0.2)
-        yield url, proc.pid
+        with running_server(cmd, port, log_path, env=env, cwd=ROOT) as (url, proc):
+            yield url, proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        args.server_log_tail = log_path.read_text(errors="replace")[-4000:]
+        args.server_log_tail = log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
 
 
 def _get(url: str, path: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[int | str, float]:

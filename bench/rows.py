@@ -38,7 +38,6 @@ from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import numpy.typing as npt
 import tifffile
@@ -49,6 +48,7 @@ import unet
 from unet.checkpoint import Checkpoint
 
 from . import baselines, data
+from .serving import running_server
 
 __all__ = ["ROWS", "main", "run_row"]
 
@@ -236,30 +236,9 @@ def _server(spec: Spec) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = _free_port()
     cmd = [*_unet_tile(), "serve", "--host", "127.0.0.1", "--port", str(port), "--checkpoint", spec["checkpoint"]]
     cmd += ["--precision", spec["precision"], "--device", spec["device"], "--log-level", "warning"]
-    log = open(Path(spec["workdir"]) / "server.log", "wb")  # noqa: SIM115
     env = {**os.environ, "UNET_JOBS_DIR": str(Path(spec["workdir"]) / "jobs")}  # not the user's jobs directory
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready within 180 s")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with running_server(cmd, port, Path(spec["workdir"]) / "server.log", env=env) as served:
+        yield served
 
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:

@@ -44,6 +44,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import resource
 import threading
 import time
@@ -165,6 +166,9 @@ def json_response(status: int, detail: str, headers: Sequence[tuple[str, str]] =
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 sees a request head end
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the cap, the reserve, the header timeout and JSON refusals.
 
@@ -227,9 +231,27 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._linger_timer is not None:
             return  # the answer is sent; the rest of the request is dropped
+        if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+            log.warning("%s request head over %d bytes (431)", _INVALID, self.limits.max_head_bytes)
+            self._answer_and_close(json_response(431, f"request head larger than {self.limits.max_head_bytes} bytes"))
+            return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # the head is in (or the connection is done)
             self._cancel_head_timer()
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """Whether the request head now arriving is over the limit.
+
+        h11 bounds only a head that is still incomplete when it parses, so a 100 KB head
+        that arrives in one read got through; here the head is measured (up to its blank
+        line; a body that came with it does not count).
+        """
+        buffered = self.conn.trailing_data[0]  # at most one limit's worth: h11 refuses more
+        if len(buffered) + len(data) <= self.limits.max_head_bytes:
+            return False
+        end = _HEAD_END.search(buffered + data)
+        head = end.start() if end is not None else len(buffered) + len(data)
+        return head > self.limits.max_head_bytes
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -95,6 +95,8 @@ def spawn(
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNET_")}
     env.update({"UNET_CHECKPOINT": str(checkpoint), "UNET_HOST": "127.0.0.1", "UNET_PORT": str(port)})
     env["UNET_PRECISION"] = "fp32"  # exact masks to compare with; a test may ask for "auto" (the default)
+    # a jobs directory of its own: the default one may be held by another server (make serve)
+    env["UNET_JOBS_DIR"] = str(log.parent / "jobs")
     env.update({f"UNET_{k.upper()}": v for k, v in settings.items()})
     env["PYTHONUNBUFFERED"] = "1"
     with open(log, "wb") as out:

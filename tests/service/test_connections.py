@@ -210,10 +210,11 @@ def test_an_idle_connection_is_closed_after_its_timeout_without_a_response(
     ("raw", "status", "says"),
     [
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2**20 + b"\r\n\r\n", 431, "larger than"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431, "larger than"),
         (b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Length: 12x\r\n\r\nabc", 400, "Content-Length"),
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "invalid HTTP request"),
     ],
-    ids=["1MB-header", "bad-content-length", "malformed-header"],
+    ids=["1MB-header", "20kB-header-in-one-read", "bad-content-length", "malformed-header"],
 )
 def test_requests_uvicorn_refuses_get_a_json_4xx(
     quick: Server, sockets: list[socket.socket], raw: bytes, status: int, says: str
@@ -226,6 +227,16 @@ def test_requests_uvicorn_refuses_get_a_json_4xx(
     assert says in assert_json_detail(headers, body)
     assert headers["connection"] == "close"
     assert closed_after(s)[1] == b""
+
+
+def test_a_body_that_arrives_with_its_head_does_not_count_as_head(quick: Server, sockets: list[socket.socket]) -> None:
+    body = b"x" * 100_000  # not a TIFF: the app's own 415, not a 431 for the head
+    s = connect(quick)
+    sockets.append(s)
+    s.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    got, headers, body_out = read_response(s)
+    assert got == 415, body_out
+    assert "not a TIFF" in assert_json_detail(headers, body_out)
 
 
 def test_server_descriptors_return_to_their_starting_level_after_many_connections(
