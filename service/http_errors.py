@@ -237,8 +237,9 @@ class ShutdownCutoffMiddleware:
             await self.app(scope, receive, send_wrapper)
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # handled: the answer below is this task's last work
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+; on 3.10 nothing counts cancels
+            if uncancel is not None:
+                uncancel()  # handled: the answer below is this task's last work
             log.info("%s %s cut off by the shutdown", scope.get("method"), scope.get("path"))
             if started:  # mid-response: nothing valid can follow; uvicorn closes the connection
                 return

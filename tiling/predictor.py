@@ -89,7 +89,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     ``auto`` is bf16 where the device computes it natively (CUDA GPUs with bf16, CPUs with
     AVX512-BF16/AMX) and fp32 elsewhere. bf16 was chosen for ``auto`` by measurement: on
     the demo checkpoint and demo image its labels agree with fp32 on >= 99.9 % of pixels
-    (see the README's benchmark section); fp16 is never chosen automatically.
+    (see docs/speed.md); fp16 is never chosen automatically.
     """
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise TilingError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
