@@ -92,8 +92,11 @@ def test_the_default_limits_admit_the_largest_normal_requests_at_tile_size_388(
 
 def test_a_small_image_passes_at_any_tile_size() -> None:
     """Below 1 MiPx an image counts as 1 MiPx: a tiny request is cheap however it is tiled."""
+    settings = Settings()
     for tile in (4, 20, 36):
-        check_work(header((40, 60)), 4, Settings(), tile_size=tile)
+        work = check_work(header((40, 60)), 4, settings, tile_size=tile)  # admitted: no error
+        assert work.tiles == plan_work(40, 60, 1, tile, 4).tiles
+    assert work.per_pixel > settings.max_work_per_pixel  # over the ratio by its own pixels: the floor let it in
 
 
 def test_too_many_tiles_at_a_small_tile_size_gets_422_naming_a_tile_size_and_jobs() -> None:
