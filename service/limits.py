@@ -220,13 +220,30 @@ async def copy_body(
     max_bytes: int | None = None,
     too_big: Exception | None = None,
     idle_s: float | None = None,
+    within_s: float | None = None,
+    time_limit: str = "",
 ) -> None:
     """Copy the TIFF into ``sink``: the raw body, or multipart field ``file``.
 
     Counts the bytes received (raw, multipart framing included) and raises ``too_big``
-    past ``max_bytes``; refuses an empty upload. With ``idle_s``, a client that sends
-    nothing for that long gets :class:`UploadTimeoutError` (408).
+    past ``max_bytes``; refuses an empty upload. The upload's time limits give
+    :class:`UploadTimeoutError` (408): ``within_s`` for the whole body (``time_limit``
+    says which limit that is, in the message: "2 s", "3600 s (UNET_JOBS_UPLOAD_TIMEOUT_S)"),
+    ``idle_s`` between two chunks. A client that disconnects raises
+    :class:`ClientDisconnectedError`.
     """
+    try:
+        with anyio.fail_after(within_s):
+            await _copy_chunks(request, sink, max_bytes, too_big, idle_s)
+    except TimeoutError:  # the overall limit: a stall between chunks is answered inside
+        raise UploadTimeoutError(f"the upload did not complete within {time_limit or f'{within_s:g} s'}") from None
+    except ClientDisconnect:
+        raise ClientDisconnectedError("client disconnected during the upload") from None
+
+
+async def _copy_chunks(
+    request: Request, sink: Spool, max_bytes: int | None, too_big: Exception | None, idle_s: float | None
+) -> None:
     content_type = request.headers.get("content-type", "")
     form = MultipartFile(content_type, sink) if content_type.startswith("multipart/form-data") else None
     write = form.write if form is not None else sink.write
@@ -260,14 +277,14 @@ async def receive_upload(request: Request, settings: Settings, deadline: float) 
         raise _too_big(settings, int(declared))
     spool = Spool(settings.spool_bytes, settings.spool_dir)
     try:
-        with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
-            await copy_body(request, spool, max_bytes=limit, too_big=_too_big(settings))
-    except TimeoutError:
-        spool.close()
-        raise UploadTimeoutError(f"the upload did not complete within {settings.request_timeout_s:g} s") from None
-    except ClientDisconnect:
-        spool.close()
-        raise ClientDisconnectedError("client disconnected during the upload") from None
+        await copy_body(
+            request,
+            spool,
+            max_bytes=limit,
+            too_big=_too_big(settings),
+            within_s=max(deadline - time.monotonic(), 0.001),
+            time_limit=f"{settings.request_timeout_s:g} s",
+        )
     except BaseException:
         spool.close()
         raise

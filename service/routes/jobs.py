@@ -22,11 +22,10 @@ import anyio
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse
-from starlette.requests import ClientDisconnect
 
 from ..deps import SegmenterDep, SettingsDep
 from ..errors import InputError, UnsupportedImageError, storage_error
-from ..http_errors import ClientDisconnectedError, UnavailableError, UploadTimeoutError
+from ..http_errors import UnavailableError
 from ..io import read_header
 from ..jobs import (
     JOB_ID_PATTERN,
@@ -101,15 +100,14 @@ async def _receive(request: Request, path: Path, room: int, worker: JobWorker, s
     sink = _FileSink(path, room, quota_error)
     limit = settings.jobs_upload_timeout_s
     try:
-        with anyio.fail_after(limit):
-            await copy_body(request, sink, idle_s=settings.jobs_upload_idle_s)
+        await copy_body(
+            request,
+            sink,
+            idle_s=settings.jobs_upload_idle_s,
+            within_s=limit,
+            time_limit=f"{limit:g} s (UNET_JOBS_UPLOAD_TIMEOUT_S)",
+        )
         sink.file()  # flushed here, so a disk that is full for the last bytes is 507, not a truncated input
-    except TimeoutError:
-        raise UploadTimeoutError(
-            f"the upload did not complete within {limit:g} s (UNET_JOBS_UPLOAD_TIMEOUT_S)"
-        ) from None
-    except ClientDisconnect:
-        raise ClientDisconnectedError("client disconnected during the upload") from None
     finally:
         sink.close()
     return sink.size
