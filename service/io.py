@@ -174,12 +174,13 @@ def series_of(tif: tifffile.TiffFile) -> list[tifffile.TiffPageSeries]:
 
 def header_of(tif: tifffile.TiffFile, max_pixels: int | None, series: int = 0) -> ImageHeader:
     """The header of series ``series`` of an open file, checked (no pixel decoded)."""
-    count = len(series_of(tif))
+    every = series_of(tif)
+    count = len(every)
     if not count:
         raise CorruptImageError("TIFF holds no image series")
     if not 0 <= series < count:
         raise UnsupportedImageError(f"series {series} does not exist: the file holds {count} series (0..{count - 1})")
-    chosen = series_of(tif)[series]
+    chosen = every[series]
     axes, shape = str(chosen.axes), tuple(int(n) for n in chosen.shape)
     check_axes(axes, shape)
     page = chosen.pages[0] if chosen.pages else None
