@@ -23,12 +23,12 @@ from unet import load_checkpoint
 from .deps import ServiceState, require_api_key
 from .http_errors import install_error_handlers
 from .jobs import start_jobs
-from .limits import DeviceSlots
 from .metrics import MetricsMiddleware
 from .paths import default_checkpoint
 from .routes import docs, health, jobs, metrics, model, segment
 from .segmenter import Segmenter
 from .settings import Settings, get_settings
+from .slots import DeviceSlots
 
 __all__ = ["create_app"]
 

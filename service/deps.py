@@ -11,10 +11,10 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .http_errors import UnauthorizedError, UnavailableError
-from .limits import DeviceSlots
 from .metrics import Metrics
 from .segmenter import Segmenter
 from .settings import Settings, get_settings
+from .slots import DeviceSlots
 
 __all__ = [
     "MetricsDep",

@@ -1,15 +1,20 @@
-"""Errors of the :mod:`service` package: what a user sent that cannot be segmented::
+"""Errors of the :mod:`service` package: what a user sent that cannot be segmented or served::
 
     ValueError
-    └── InputError                 bad input; the message says what was expected
-        ├── NotATiffError          not a TIFF at all                    (HTTP 415)
-        ├── CorruptImageError      a TIFF that is truncated or corrupt  (HTTP 400)
-        ├── ImageTooLargeError     more pixels/bytes than allowed        (HTTP 413)
-        └── UnsupportedImageError  dtype, axes or channels not usable   (HTTP 422)
+    └── InputError                  bad input; the message says what was expected  (HTTP 400)
+        ├── NotATiffError           not a TIFF at all                               (HTTP 415)
+        ├── CorruptImageError       a TIFF that is truncated or corrupt             (HTTP 400)
+        ├── ImageTooLargeError      more pixels/bytes than allowed                  (HTTP 413)
+        ├── UnsupportedImageError   dtype, axes or channels not usable              (HTTP 422)
+        └── JobError                a job request that cannot be served             (HTTP 400)
+            ├── InvalidJobIdError   malformed id                                    (HTTP 422)
+            ├── JobNotFoundError    unknown or expired id                           (HTTP 404)
+            ├── JobNotReadyError    no result (yet)                                 (HTTP 409)
+            └── QuotaExceededError  the jobs directory is full                      (HTTP 507)
 
     OSError
-    └── StorageError               output or temporary data could not be written
-        └── StorageFullError       no space left on the device, or the disk quota (HTTP 507)
+    └── StorageError                output or temporary data could not be written
+        └── StorageFullError        no space left on the device, or the disk quota  (HTTP 507)
 
 :func:`storage_error` turns the ``OSError`` of a failed write into one of the latter two,
 with a message that says what was being written (and no path): a full disk is an
@@ -28,7 +33,12 @@ __all__ = [
     "CorruptImageError",
     "ImageTooLargeError",
     "InputError",
+    "InvalidJobIdError",
+    "JobError",
+    "JobNotFoundError",
+    "JobNotReadyError",
     "NotATiffError",
+    "QuotaExceededError",
     "StorageError",
     "StorageFullError",
     "UnsupportedImageError",
@@ -57,6 +67,26 @@ class ImageTooLargeError(InputError):
 
 class UnsupportedImageError(InputError):
     """A readable image with a dtype, layout or channel count the model cannot take."""
+
+
+class JobError(InputError):
+    """A job request that cannot be served; the message says why."""
+
+
+class InvalidJobIdError(JobError):
+    """The id is not of the form the store hands out."""
+
+
+class JobNotFoundError(JobError):
+    """No such job (never existed, deleted, or expired)."""
+
+
+class JobNotReadyError(JobError):
+    """The job has no result to download (still running, failed or cancelled)."""
+
+
+class QuotaExceededError(JobError):
+    """Storing this upload would take the jobs directory over its quota."""
 
 
 class StorageError(OSError):

@@ -9,13 +9,13 @@ or a filesystem path. Status codes::
     service.errors.CorruptImageError        400
     service.errors.ImageTooLargeError       413  (also: body over UNET_MAX_UPLOAD_MB)
     service.errors.UnsupportedImageError    422
+    service.errors.InvalidJobIdError        422
+    service.errors.JobNotFoundError         404
+    service.errors.JobNotReadyError         409
+    service.errors.QuotaExceededError       507  (the jobs directory's quota UNET_JOBS_QUOTA_MB)
+    service.errors.JobError (other)         400
     service.errors.InputError (other)       400
     service.errors.StorageFullError         507  (also: any OSError with errno ENOSPC or EDQUOT)
-    service.jobs.InvalidJobIdError          422
-    service.jobs.JobNotFoundError           404
-    service.jobs.JobNotReadyError           409
-    service.jobs.QuotaExceededError         507  (the jobs directory's quota UNET_JOBS_QUOTA_MB)
-    service.jobs.JobError (other)           400
     unet.GeometryError / unet.UNetError     422  (e.g. a tile_size the network cannot take)
     tiling.TilingError                      422
     request validation (query options)      422
@@ -23,12 +23,12 @@ or a filesystem path. Status codes::
     ├── UnauthorizedError                        401  + WWW-Authenticate: Bearer
     ├── UploadTimeoutError                       408
     ├── UnavailableError                         503  + Retry-After (queue full, not ready, shutting down)
-    ├── TimeLimitError                   504
+    ├── TimeLimitError                           504
     └── ClientDisconnectedError                  499  (logged and counted; nobody is listening)
     anything else                           500  "internal server error" (details only in the log)
 
 A request that uvicorn cancels at the end of the shutdown grace period (the app stops its
-own work a little earlier, see :meth:`service.limits.DeviceSlots.shut_down`; what is left
+own work a little earlier, see :meth:`service.slots.DeviceSlots.shut_down`; what is left
 is an upload still arriving or a grace period of 0) gets the same JSON 503 with
 ``Retry-After`` from :class:`ShutdownCutoffMiddleware`, not uvicorn's 500 text/plain and a
 traceback.
@@ -57,12 +57,16 @@ from .errors import (
     CorruptImageError,
     ImageTooLargeError,
     InputError,
+    InvalidJobIdError,
+    JobError,
+    JobNotFoundError,
+    JobNotReadyError,
     NotATiffError,
+    QuotaExceededError,
     StorageFullError,
     UnsupportedImageError,
     is_storage_full,
 )
-from .jobs import InvalidJobIdError, JobError, JobNotFoundError, JobNotReadyError, QuotaExceededError
 
 __all__ = [
     "ClientDisconnectedError",
@@ -121,13 +125,13 @@ _STATUS: dict[type[BaseException], int] = {
     CorruptImageError: 400,
     ImageTooLargeError: 413,
     UnsupportedImageError: 422,
-    InputError: 400,
-    StorageFullError: 507,
     InvalidJobIdError: 422,
     JobNotFoundError: 404,
     JobNotReadyError: 409,
     QuotaExceededError: 507,
     JobError: 400,
+    InputError: 400,
+    StorageFullError: 507,
     UNetError: 422,
     TilingError: 422,
     UnauthorizedError: 401,
@@ -159,6 +163,8 @@ def status_of(exc: BaseException) -> int:
     (415, 422, 500)
     >>> status_of(OSError(errno.ENOSPC, "No space left on device")), status_of(PermissionError("x"))
     (507, 500)
+    >>> status_of(JobNotFoundError("x")), status_of(QuotaExceededError("x")), status_of(JobError("x"))
+    (404, 507, 400)
     """
     for cls in type(exc).__mro__:
         if cls in _STATUS:
@@ -255,10 +261,9 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int = 5) -> None:
     """Register the mapping above on ``app`` (``retry_after_s``: sent with a shutdown's 503)."""
     app.add_middleware(ShutdownCutoffMiddleware, retry_after_s=retry_after_s)
     handlers: dict[Any, Any] = {
-        InputError: _known,
+        InputError: _known,  # the job errors too
         UNetError: _known,
         TilingError: _known,
-        JobError: _known,
         OSError: _known,  # a full disk is 507; any other OSError goes on to _unexpected (500)
         HTTPLayerError: _known,
         RequestValidationError: _validation,

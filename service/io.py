@@ -26,9 +26,7 @@ import io
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -47,9 +45,9 @@ __all__ = [
     "encode_tiff",
     "header_of",
     "read_header",
-    "read_image",
     "series_of",
-    "write_tiff_atomic",
+    "to_planes",
+    "write_tiff",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +113,19 @@ class ImageHeader:
     @property
     def pixels(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def pixel_size_um(self) -> tuple[float, float] | None:
+        """(y, x) pixel size in µm, where the resolution has a unit (inch or centimetre).
+
+        >>> ImageHeader((8, 8), "YX", np.dtype("uint8"), (20000.0, 10000.0), 3, None).pixel_size_um
+        (1.0, 0.5)
+        """
+        per_unit = {2: 25400.0, 3: 10000.0}.get(self.resolution_unit or 0)
+        if self.resolution is None or per_unit is None or min(self.resolution) <= 0:
+            return None
+        rx, ry = self.resolution
+        return per_unit / ry, per_unit / rx
 
 
 @dataclass(frozen=True)
@@ -241,32 +252,12 @@ def read_header(
         raise CorruptImageError(f"corrupt TIFF: {e}") from None
 
 
-def read_image(
-    src: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: int | None = None, series: int = 0
-) -> ImageData:
-    """Read series ``series`` of a TIFF as (planes, C, Y, X) after checking its header and segments."""
-    source = _source(src)
-    check_magic(source)
-    try:
-        with tifffile.TiffFile(source) as tif:
-            header = header_of(tif, max_pixels, series)
-            check_segments(tif, series)
-            data = series_of(tif)[series].asarray()
-    except (NotATiffError, CorruptImageError, ImageTooLargeError, UnsupportedImageError):
-        raise
-    except MemoryError:
-        raise ImageTooLargeError(f"not enough memory to decode the image ({header.pixels:,} pixels)") from None
-    except Exception as e:
-        raise CorruptImageError(f"corrupt TIFF: {e}") from None
-    return ImageData(header, _to_planes(data, header))
-
-
-def _to_planes(data: npt.NDArray[Any], header: ImageHeader) -> npt.NDArray[Any]:
+def to_planes(data: npt.NDArray[Any], header: ImageHeader) -> npt.NDArray[Any]:
     """Reorder any axes to (planes, C, Y, X) by position (a view where possible).
 
     >>> h = ImageHeader((2, 3, 4, 5), "QXQY", np.dtype("uint8"), None, None, None)
     >>> a = np.arange(120).reshape(2, 3, 4, 5)
-    >>> p = _to_planes(a, h)
+    >>> p = to_planes(a, h)
     >>> p.shape, bool(p[1 * 4 + 2, 0, 3, 1] == a[1, 1, 2, 3])
     ((8, 1, 5, 3), True)
     """
@@ -288,7 +279,8 @@ def _output_layout(header: ImageHeader, result: npt.NDArray[Any]) -> tuple[npt.N
     return result.reshape(*stack, k, header.height, header.width), header.stack_axes + "CYX"
 
 
-def _write(target: Any, header: ImageHeader, result: npt.NDArray[Any]) -> None:
+def write_tiff(target: Any, header: ImageHeader, result: npt.NDArray[Any]) -> None:
+    """Write a (planes, [K,] Y, X) result as one compressed TIFF with the input's stack axes and resolution."""
     data, axes = _output_layout(header, result)
     kwargs: dict[str, Any] = {}
     if header.resolution is not None:
@@ -311,18 +303,5 @@ def _write(target: Any, header: ImageHeader, result: npt.NDArray[Any]) -> None:
 def encode_tiff(header: ImageHeader, result: npt.NDArray[Any]) -> bytes:
     """The result as compressed TIFF bytes, with the input's stack axes and resolution."""
     buf = io.BytesIO()
-    _write(buf, header, result)
+    write_tiff(buf, header, result)
     return buf.getvalue()
-
-
-def write_tiff_atomic(path: str | os.PathLike[str], header: ImageHeader, result: npt.NDArray[Any]) -> None:
-    """Write to a temporary file beside ``path`` and rename it: no partial output, ever."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        _write(tmp, header, result)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -2,7 +2,8 @@
 
 A job is a directory ``<jobs dir>/<id>/`` holding ``job.json`` (its state, rewritten
 atomically on every change), ``input.tif`` (the upload, deleted once the job ends) and
-``result.tif`` (the mask). Nothing lives only in memory, so queued jobs and finished
+the result: ``result.tif`` (the mask), or with ``format=ome-zarr`` ``result.ome.zarr.zip``
+(the OME-Zarr store ``result.ome.zarr`` written by the pipeline, zipped once complete). Nothing lives only in memory, so queued jobs and finished
 results survive a restart; a job that was running when the process stopped is queued
 again. Results expire ``ttl_s`` after their job ended, and the whole directory is held
 under a byte quota.
@@ -22,14 +23,8 @@ States::
        │          ├──────> failed
        └──────────┴──────> cancelled
 
-Errors (the router maps them to HTTP)::
-
-    Exception
-    └── JobError
-        ├── InvalidJobIdError   malformed id              (422)
-        ├── JobNotFoundError    unknown or expired id     (404)
-        ├── JobNotReadyError    no result (yet)           (409)
-        └── QuotaExceededError  the jobs directory is full (507)
+Errors: :class:`service.errors.JobError` and its subclasses (malformed id, not found, not
+ready, quota), mapped to HTTP by :mod:`service.http_errors`.
 """
 
 from __future__ import annotations
@@ -45,29 +40,33 @@ import shutil
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from .errors import is_storage_full, storage_error
-from .io import read_image, write_tiff_atomic
+from unet.atomic import atomic_path
+
+from .errors import (
+    InvalidJobIdError,
+    JobError,
+    JobNotFoundError,
+    QuotaExceededError,
+    is_storage_full,
+    storage_error,
+)
+from .pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Route, segment_file
 from .segmenter import Segmenter
 from .settings import Settings
-from .streaming import DEFAULT_STREAM_ABOVE_MB, segment_file, should_stream
 
 __all__ = [
     "JOB_ID_PATTERN",
-    "InvalidJobIdError",
-    "JobError",
-    "JobNotFoundError",
-    "JobNotReadyError",
     "JobOptions",
     "JobRecord",
     "JobStore",
     "JobWorker",
-    "QuotaExceededError",
     "State",
     "jobs_dir",
     "start_jobs",
@@ -82,34 +81,19 @@ FINAL_STATES = ("done", "failed", "cancelled")
 _SAVE_EVERY_S = 0.5  # progress is written to disk at most this often
 
 
-class JobError(Exception):
-    """A job request that cannot be served; the message says why."""
-
-
-class InvalidJobIdError(JobError):
-    """The id is not of the form the store hands out."""
-
-
-class JobNotFoundError(JobError):
-    """No such job (never existed, deleted, or expired)."""
-
-
-class JobNotReadyError(JobError):
-    """The job has no result to download (still running, failed or cancelled)."""
-
-
-class QuotaExceededError(JobError):
-    """Storing this upload would take the jobs directory over its quota."""
-
-
 @dataclass(frozen=True)
 class JobOptions:
-    """What to compute; the same options as ``POST /segment``."""
+    """What to compute; the same options as ``POST /segment``, and the result's format."""
 
     output: Literal["labels", "probabilities"] = "labels"
     tile_size: int = 388
     pyramid: bool = False
     series: int = 0  # which image series of the file
+    format: Literal["tiff", "ome-zarr"] = "tiff"  # ome-zarr: an OME-Zarr store, downloaded as a zip
+
+    @property
+    def pipeline(self) -> Options:
+        return Options(output=self.output, tile_size=self.tile_size, pyramid=self.pyramid, series=self.series)
 
 
 @dataclass
@@ -126,6 +110,7 @@ class JobRecord:
     tiles_total: int = 0
     image: dict[str, Any] = field(default_factory=dict)  # shape, axes, dtype
     streamed: bool = False
+    route: dict[str, str] = field(default_factory=dict)  # how it is read and written (pipeline.Route)
     cancel_requested: bool = False
     error: str | None = None
     input_bytes: int = 0
@@ -187,16 +172,27 @@ class JobRecord:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree, if it is still there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _zip_store(store: Path, target: Path) -> None:
+    """A zarr directory store as a zip at ``target`` (atomically): entries stored, not
+    recompressed (the chunks are), paths relative to the store's root (zarr's ZipStore reads it)."""
+    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for path in sorted(store.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(store).as_posix())
 
 
 class JobStore:
@@ -206,7 +202,9 @@ class JobStore:
     lock), so progress written by a worker never overwrites a cancel request.
     """
 
-    STATE, INPUT, RESULT = "job.json", "input.tif", "result.tif"
+    STATE, INPUT = "job.json", "input.tif"
+    RESULTS: ClassVar[dict[str, str]] = {"tiff": "result.tif", "ome-zarr": "result.ome.zarr.zip"}
+    STORE = "result.ome.zarr"  # an OME-Zarr result before it is zipped
     PARTIALS = (".*.part", ".level*.raw")  # what the atomic writers leave if the process dies mid-write
 
     def __init__(self, root: str | os.PathLike[str], *, ttl_s: float = 86400.0, quota_bytes: int = 20 << 30) -> None:
@@ -228,7 +226,7 @@ class JobStore:
         >>> JobStore.validate_id("../../etc/passwd")
         Traceback (most recent call last):
         ...
-        service.jobs.InvalidJobIdError: malformed job id; expected 32 characters of A-Z, a-z, 0-9, '_' or '-'
+        service.errors.InvalidJobIdError: malformed job id; expected 32 characters of A-Z, a-z, 0-9, '_' or '-'
         """
         if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
             raise InvalidJobIdError("malformed job id; expected 32 characters of A-Z, a-z, 0-9, '_' or '-'")
@@ -240,8 +238,8 @@ class JobStore:
     def input_path(self, job_id: str) -> Path:
         return self.dir(job_id) / self.INPUT
 
-    def result_path(self, job_id: str) -> Path:
-        return self.dir(job_id) / self.RESULT
+    def result_path(self, job_id: str, format: str = "tiff") -> Path:
+        return self.dir(job_id) / self.RESULTS[format]
 
     # records
     def create_dir(self) -> str:
@@ -336,9 +334,12 @@ class JobStore:
         with self._lock:
             for pattern in self.PARTIALS:
                 for f in self.dir(job_id).glob(pattern):
-                    with contextlib.suppress(FileNotFoundError):
-                        f.unlink()
-                        removed += 1
+                    _remove(f)
+                    removed += 1
+            store = self.dir(job_id) / self.STORE  # an OME-Zarr result not yet zipped
+            if store.exists():
+                _remove(store)
+                removed += 1
         return removed
 
     def _sweep(self) -> None:
@@ -353,12 +354,13 @@ class JobStore:
                 uploads += 1
                 continue
             files += self.remove_partials(d.name)
-            result = d / self.RESULT
-            if result.exists():
-                with contextlib.suppress(JobNotFoundError, ValueError, TypeError, KeyError):
-                    if self.load(d.name).state != "done":
-                        result.unlink(missing_ok=True)
-                        files += 1
+            for name in self.RESULTS.values():
+                result = d / name
+                if result.exists():
+                    with contextlib.suppress(JobNotFoundError, ValueError, TypeError, KeyError):
+                        if self.load(d.name).state != "done":
+                            result.unlink(missing_ok=True)
+                            files += 1
         if uploads or files:
             log.info("recovery: deleted %d unfinished upload(s) and %d stale temporary file(s)", uploads, files)
 
@@ -402,8 +404,8 @@ class _OutOfTime(Exception):  # noqa: N818  (control flow: the job ends failed)
 class JobWorker:
     """Runs queued jobs on ``workers`` threads with one shared :class:`Segmenter`.
 
-    Inputs above ``stream_above_mb`` (decoded), and pyramids, take the streamed path
-    (:func:`service.streaming.segment_file`); others the in-memory path. Cancellation,
+    Each job runs through :func:`service.pipeline.segment_file` on the route decided at its
+    admission (``stream_above_mb``: decoded size above which it streams). Cancellation,
     shutdown and ``timeout_s`` (seconds since this attempt started; the job then fails) raise
     from the engine's progress callback, so a run stops at its next batch.
     """
@@ -573,7 +575,7 @@ class JobWorker:
                 log.exception("job %s failed unexpectedly", job_id)
                 self._finish(job_id, "failed", error="internal error while segmenting", tiles_done=done)
         else:
-            size = store.result_path(job_id).stat().st_size
+            size = store.result_path(job_id, record.options.format).stat().st_size
             self._finish(job_id, "done", tiles_done=done, result_bytes=size)
             log.info("job %s done", job_id)
         finally:
@@ -607,26 +609,22 @@ class JobWorker:
             raise
 
     def _segment_to_result(self, record: JobRecord, progress: Callable[[int], None]) -> None:
-        src, dst = self.store.input_path(record.id), self.store.result_path(record.id)
-        opts = record.options
-        if record.streamed:
+        src, opts = self.store.input_path(record.id), record.options
+        route = Route.from_json(record.route) if record.route else None  # decided at admission
+        if opts.format == "ome-zarr":
+            store = self.store.dir(record.id) / self.store.STORE
             segment_file(
-                self.segmenter,
-                src,
-                dst,
-                tile_size=opts.tile_size,
-                pyramid=opts.pyramid,
-                max_pixels=self.max_pixels,
-                progress=progress,
-                series=opts.series,
+                self.segmenter, src, store, opts.pipeline, route=route, max_pixels=self.max_pixels, progress=progress
             )
+            try:
+                _zip_store(store, self.store.result_path(record.id, opts.format))
+            finally:
+                _remove(store)
             return
-        image = read_image(src, max_pixels=self.max_pixels, series=opts.series)
-        result = self.segmenter.segment(image, output=opts.output, tile_size=opts.tile_size, progress=progress)
-        write_tiff_atomic(dst, image.header, result)
-
-    def decide_streamed(self, header: Any, options: JobOptions) -> bool:
-        return should_stream(header, self.stream_above_mb, output=options.output, pyramid=options.pyramid)
+        dst = self.store.result_path(record.id)
+        segment_file(
+            self.segmenter, src, dst, opts.pipeline, route=route, max_pixels=self.max_pixels, progress=progress
+        )
 
 
 def jobs_dir(settings: Settings) -> Path:

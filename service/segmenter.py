@@ -1,8 +1,9 @@
-"""A loaded checkpoint ready to segment images: normalization + tiling engine + model.
+"""A loaded checkpoint ready to segment images: its model as a predictor, its normalization,
+the channel check and the no-data class.
 
-This is the one place that joins the packages: :mod:`unet` gives the model and its
-normalization, :mod:`tiling` runs it over tiles. The CLI and the HTTP app both use it,
-so a file gives the same mask through either.
+:mod:`unet` gives the model and its normalization, :mod:`tiling` the predictor; the
+pipeline (:mod:`service.pipeline`) runs them over sources and sinks, for the CLI, the HTTP
+app and the jobs alike, so a file gives the same mask through any of them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-import tiling
 from tiling import TorchPredictor
 from unet import Checkpoint, geometry
 
 from .errors import UnsupportedImageError
-from .io import ImageData, ImageHeader
+from .io import ImageHeader
 
-__all__ = ["ExecutorPredictor", "Segmenter", "mark_no_data"]
+__all__ = ["ExecutorPredictor", "Segmenter"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ _T = TypeVar("_T")
 
 
 class ExecutorPredictor:
-    """A :class:`~tiling.TorchPredictor` whose forward passes run on ``executor``'s threads.
+    """A :class:`~tiling.Predictor` whose forward passes run on ``executor``'s threads.
 
     The caller's thread keeps the host work (reading and normalizing windows, stitching,
     writing); only the model calls hop over. The server gives this to its job worker so
@@ -44,6 +44,10 @@ class ExecutorPredictor:
     def __init__(self, predictor: TorchPredictor, executor: Executor) -> None:
         self.inner = predictor
         self.executor = executor
+
+    @property
+    def depth(self) -> int | None:
+        return self.inner.depth
 
     def _on_executor(self, fn: Callable[..., _T], *args: Any) -> _T:
         return self.executor.submit(fn, *args).result()
@@ -76,38 +80,11 @@ class ExecutorPredictor:
         return f"ExecutorPredictor({self.inner!r})"
 
 
-def mark_no_data(result: npt.NDArray[Any], image: Any, background: int) -> None:
-    """Give NaN pixels of a (C, H, W) float ``image`` the ``background`` class, in place.
-
-    NaN means "no data" (masked, outside a registered or stitched field): such a pixel is
-    labelled background whatever its neighbours look like, and in ``probabilities`` it
-    gets probability 1 for that class. (The network saw it as background intensity; see
-    :mod:`unet.normalization`.) A pixel is no-data when any of its channels is NaN.
-    ``result`` is (H, W) labels or (K, H, W) probabilities of the same area.
-
-    >>> labels = np.ones((2, 3), np.uint8)
-    >>> mark_no_data(labels, np.array([[[1, np.nan, 1], [1, 1, 1]]], np.float32), 0)
-    >>> labels.tolist()
-    [[1, 0, 1], [1, 1, 1]]
-    """
-    if np.dtype(image.dtype).kind != "f":
-        return
-    nan = np.isnan(np.asarray(image)).any(axis=0)
-    if not nan.any():
-        return
-    if result.ndim == 2:
-        result[nan] = background
-    else:
-        result[:, nan] = 0.0
-        result[background, nan] = 1.0
-
-
 class Segmenter:
     """Segments (planes, C, Y, X) images with one checkpoint on one device.
 
-    Float images may hold NaN and inf: the normalization is fitted on finite values and
-    makes every tile finite (:mod:`unet.normalization`), and NaN pixels are labelled
-    :attr:`background` (:func:`mark_no_data`), so one NaN never spoils the mask around it.
+    The pipeline (:mod:`service.pipeline`) runs it over sources and sinks; NaN (no-data)
+    pixels get :attr:`background`.
     """
 
     def __init__(
@@ -148,54 +125,6 @@ class Segmenter:
                 f"model expects {expected} channel(s), image has {header.channels} "
                 f"(axes {header.axes!r} of shape {header.shape}{hint})"
             )
-
-    def count_tiles(self, header: ImageHeader, tile_size: int = 388, stride: int | None = None) -> int:
-        plan = tiling.plan_tiles((header.height, header.width), depth=self.depth, tile_size=tile_size, stride=stride)
-        planes = int(np.prod(header.stack_shape)) if header.stack_shape else 1
-        return len(plan) * planes
-
-    def segment(
-        self,
-        image: ImageData,
-        *,
-        output: str = "labels",
-        tile_size: int = 388,
-        stride: int | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> npt.NDArray[Any]:
-        """(planes, Y, X) uint8 labels or (planes, K, Y, X) float32 probabilities.
-
-        ``progress(n)`` is called with the number of tiles just finished.
-        """
-        self.check(image.header)
-        out: npt.NDArray[Any] | None = None
-        for i, plane in enumerate(image.planes):
-            affine = self.checkpoint.normalization.fit(plane)  # once per image plane, not per tile
-            last = 0
-
-            def step(done: int, total: int) -> None:
-                nonlocal last
-                if progress is not None:
-                    progress(done - last)
-                last = done
-
-            result = tiling.segment(
-                plane,
-                self.predictor,
-                output=output,  # type: ignore[arg-type]
-                tile_size=tile_size,
-                stride=stride,
-                batch_size=self.batch_size,
-                normalize=affine,
-                depth=self.depth,
-                progress=step,
-            )
-            mark_no_data(result, plane, self.background)
-            if out is None:  # one buffer for all planes: no stacked copy at the end
-                out = np.empty((len(image.planes), *result.shape), result.dtype)
-            out[i] = result
-        assert out is not None  # an image has at least one plane
-        return out
 
     def warmup(self) -> None:
         """One forward pass on a blank tile (allocators, kernels, autotuning)."""

@@ -1,89 +1,35 @@
-"""``unet-tile serve``: run the HTTP app under uvicorn.
+"""Running the HTTP app under uvicorn (``unet-tile serve`` parses its flags in :mod:`service.cli.serve`).
 
-Settings come from ``UNET_*`` environment variables (:mod:`service.settings`); flags given
-on the command line override them. uvicorn handles SIGTERM/SIGINT: it stops accepting,
-lets in-flight requests finish for up to ``UNET_SHUTDOWN_TIMEOUT_S``, then cancels what is
-left (the workers stop at their next batch) and runs the app's shutdown. :class:`_Server`
-tells the app when that starts, so a request still queued or running near the end of the
-grace period is answered 503 + ``Retry-After`` by the app itself. What one process holds
-(connections, header and keep-alive timeouts) is bounded by :mod:`service.connections`.
+uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish for up
+to ``UNET_SHUTDOWN_TIMEOUT_S``, then cancels what is left (the workers stop at their next
+batch) and runs the app's shutdown. :class:`_Server` tells the app when that starts, so a
+request still queued or running near the end of the grace period is answered 503 +
+``Retry-After`` by the app itself. What one process holds (connections, header and
+keep-alive timeouts) is bounded by :mod:`service.connections`.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import math
 import socket
-import sys
-from pathlib import Path
-from typing import Any
 
 import uvicorn
-from pydantic import ValidationError
 
 from unet import CheckpointError
 
 from .app import create_app
-from .cli import positive_int
 from .connections import ConnectionLimits, connection_cap, install_log_limits, protocol_class, raise_nofile_limit
-from .limits import DeviceSlots
 from .paths import default_checkpoint
 from .settings import Settings
+from .slots import DeviceSlots
 
-__all__ = ["register", "serve", "settings_from_args"]
+__all__ = ["serve"]
 
 log = logging.getLogger(__name__)
 
 _BACKLOG = 2048  # uvicorn's default listen backlog; asyncio also accepts up to this many in one go
-
-# flag dest -> Settings field (the same name); only flags given on the command line override
-_FLAGS = (
-    "host",
-    "port",
-    "checkpoint",
-    "device",
-    "precision",
-    "batch_size",
-    "slots",
-    "queue_size",
-    "max_upload_mb",
-    "max_pixels",
-    "request_timeout_s",
-    "log_level",
-)
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve the HTTP API (POST /segment, /healthz, /readyz, /model, /metrics, /docs)",
-        description="Serve the HTTP API. Flags override the UNET_* environment variables.",
-    )
-    p.add_argument("--host", default=None, help="address to listen on (UNET_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="TCP port (UNET_PORT, default 8000)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (UNET_CHECKPOINT, default: demo)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="UNET_DEVICE (default auto)")
-    p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None, help="UNET_PRECISION (default auto)"
-    )
-    p.add_argument("--batch-size", type=positive_int, default=None, help="tiles per forward pass (UNET_BATCH_SIZE)")
-    p.add_argument("--slots", type=positive_int, default=None, help="segmentations at once (UNET_SLOTS, default 1)")
-    p.add_argument("--queue-size", type=int, default=None, help="waiting requests beyond the slots (UNET_QUEUE_SIZE)")
-    p.add_argument("--max-upload-mb", type=float, default=None, help="largest body in MiB (UNET_MAX_UPLOAD_MB)")
-    p.add_argument("--max-pixels", type=int, default=None, help="largest image in pixels (UNET_MAX_PIXELS)")
-    p.add_argument("--request-timeout-s", type=float, default=None, help="per-request limit (UNET_REQUEST_TIMEOUT_S)")
-    p.add_argument(
-        "--log-level", choices=["critical", "error", "warning", "info", "debug"], default=None, help="UNET_LOG_LEVEL"
-    )
-    p.set_defaults(func=serve)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The environment's settings with the flags that were given on top."""
-    overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
-    return Settings(**overrides)
 
 
 def _connection_limits(settings: Settings) -> ConnectionLimits:
@@ -119,23 +65,15 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as e:
-        for err in e.errors():
-            name = ".".join(str(p) for p in err["loc"])
-            print(
-                f"unet-tile: error: invalid setting UNET_{name.upper()} / --{name.replace('_', '-')}: {err['msg']}",
-                file=sys.stderr,
-            )
-        return 2
-    checkpoint = settings.checkpoint or default_checkpoint()  # CheckpointError (exit 2) if the demo is missing
+def serve(settings: Settings) -> int:
+    """Run the app under uvicorn until it stops; the process's exit code (0 after a clean shutdown).
+
+    A missing checkpoint, or one that does not load at start-up, raises
+    :class:`unet.CheckpointError` (the server does not start).
+    """
+    checkpoint = settings.checkpoint or default_checkpoint()  # CheckpointError if the demo is missing
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
-    if settings.spool_dir is not None and not settings.spool_dir.is_dir():
-        print(f"unet-tile: error: UNET_SPOOL_DIR is not a directory: {settings.spool_dir}", file=sys.stderr)
-        return 2
     logging.getLogger("service").setLevel(settings.log_level.upper())
     app = create_app(settings)
     limits = _connection_limits(settings)

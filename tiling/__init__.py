@@ -7,17 +7,30 @@ from __future__ import annotations
 
 import logging
 
-from .engine import Output, ProgressCallback, predict_tiles, segment
+from .engine import Output, ProgressCallback, predict_tiles, resolve_batch_size, run, segment
 from .errors import TilingError
 from .padding import mirror_pad, read_window, reflect_indices
 from .plan import Tile, TilePlan, axis_layout, default_stride, plan_tiles
-from .predictor import TorchPredictor, keep_freed_memory, resolve_device, resolve_precision
+from .predictor import (
+    CallablePredictor,
+    Predictor,
+    TorchPredictor,
+    keep_freed_memory,
+    resolve_device,
+    resolve_precision,
+)
+from .sinks import ArraySink, BandSink, TileSink
 
 __all__ = [
+    "ArraySink",
+    "BandSink",
+    "CallablePredictor",
     "Output",
+    "Predictor",
     "ProgressCallback",
     "Tile",
     "TilePlan",
+    "TileSink",
     "TilingError",
     "TorchPredictor",
     "axis_layout",
@@ -28,8 +41,10 @@ __all__ = [
     "predict_tiles",
     "read_window",
     "reflect_indices",
+    "resolve_batch_size",
     "resolve_device",
     "resolve_precision",
+    "run",
     "segment",
 ]
 

@@ -1,12 +1,13 @@
 """The overlap-tile inference loop: plan -> run -> stitch.
 
 :func:`segment` plans the tiles (:mod:`tiling.plan`), reads each input window from the
-lazily mirror-padded image (:mod:`tiling.padding`), feeds batches to any callable
-``(B, C, h, w) float32 -> (B, K, h - 2m, w - 2m)``, and writes each tile's kept part into
-the output with one assignment. Reading and normalizing the next batch runs on a worker
+lazily mirror-padded image (:mod:`tiling.padding`), feeds batches to a :class:`~tiling.predictor.Predictor` (a module, or any callable
+``(B, C, h, w) float32 -> (B, K, h - 2m, w - 2m)``), and hands each tile's output to a
+sink (:mod:`tiling.sinks`: :func:`segment` uses the in-memory :class:`ArraySink`; the
+service streams bands to files through :func:`run`). Reading and normalizing the next batch runs on a worker
 thread while the model computes the current one, where that overlaps: when the model
 runs on a GPU, or leaves a CPU core free (a predictor says so with its
-``overlap_host_work`` attribute; plain callables get the thread). When the model's
+``overlap_host_work`` property; plain callables get the thread). When the model's
 threads take every core, the reader would only steal one of them, and torch's other
 threads would wait for it at each operator's barrier, so the next batch is read in line.
 """
@@ -20,20 +21,21 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from torch import nn
 
 from .errors import TilingError
 from .padding import read_window
 from .plan import Tile, TilePlan, plan_tiles
-from .predictor import as_predictor
+from .predictor import Predictor, as_predictor
+from .sinks import ArraySink, TileSink
 
-__all__ = ["Output", "ProgressCallback", "predict_tiles", "segment"]
+__all__ = ["Output", "ProgressCallback", "predict_tiles", "resolve_batch_size", "run", "segment"]
 
 log = logging.getLogger(__name__)
 
 Output = Literal["labels", "probabilities"]
 ProgressCallback = Callable[[int, int], None]  # (tiles done, tiles total)
 Normalize = Callable[[npt.NDArray[Any]], npt.NDArray[np.float32]]
-_DEFAULT_BATCH = 4  # for plain callables that do not say what suits them
 
 
 def _as_chw(image: Any) -> Any:
@@ -48,18 +50,18 @@ def _float32(x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     return x.astype(np.float32, copy=False)
 
 
-def _resolve_depth(predictor: Any, model: Any, depth: int | None) -> int:
-    found = depth or getattr(predictor, "depth", None) or getattr(getattr(model, "config", None), "depth", None)
+def _resolve_depth(predictor: Predictor, model: Any, depth: int | None) -> int:
+    config = model.config if isinstance(model, nn.Module) else None
+    found = depth or predictor.depth or getattr(config, "depth", None)
     if not isinstance(found, int):
         raise TilingError("cannot tell the network depth: pass depth=... for a plain callable")
     return found
 
 
-def _resolve_batch_size(predict: Callable[..., Any], plan: TilePlan, batch_size: int | None) -> int:
+def resolve_batch_size(predictor: Predictor, plan: TilePlan, batch_size: int | None) -> int:
+    """``batch_size``, or what the predictor prefers for this plan's windows; at most the tiles."""
     if batch_size is None:
-        owner = getattr(predict, "__self__", predict)
-        preferred = getattr(owner, "preferred_batch_size", None)
-        batch_size = int(preferred(plan.tile_in)) if callable(preferred) else _DEFAULT_BATCH
+        batch_size = int(predictor.preferred_batch_size(plan.tile_in))
         log.debug("batch size %d for %s input windows", batch_size, plan.tile_in)
     if batch_size < 1:
         raise TilingError(f"batch size must be >= 1, got {batch_size}")
@@ -70,36 +72,21 @@ def _batches(tiles: Sequence[Tile], size: int) -> list[Sequence[Tile]]:
     return [tiles[i : i + size] for i in range(0, len(tiles), size)]
 
 
-def _stager(predict: Callable[..., Any]) -> Callable[[npt.NDArray[np.float32]], Any] | None:
-    """The ``stage`` hook of a predictor (or of the predictor a bound method belongs to):
-    it turns a normalized batch into what the predictor takes (e.g. pinned memory for CUDA)
-    and runs on the reader thread, off the model's critical path."""
-    stage = getattr(predict, "stage", None) or getattr(getattr(predict, "__self__", None), "stage", None)
-    return stage if callable(stage) else None
-
-
-def _overlaps(predict: Callable[..., Any]) -> bool:
-    """Whether to read the next batch on a worker thread while ``predict`` runs."""
-    owner = getattr(predict, "__self__", predict)
-    value = getattr(owner, "overlap_host_work", True)
-    return bool(value)
-
-
 def _prefetched(
     image: Any,
     plan: TilePlan,
     batch_size: int,
     normalize: Normalize,
-    stage: Callable[[npt.NDArray[np.float32]], Any] | None = None,
+    stage: Callable[[npt.NDArray[np.float32]], Any],
     *,
     threaded: bool = True,
 ) -> Iterator[tuple[Sequence[Tile], Any]]:
     """Yield (tiles, normalized input batch), preparing the next batch on a worker thread
-    (``threaded``) or in line, just before it is needed."""
+    (``threaded``) or in line, just before it is needed. ``normalize`` sees the raw
+    batches in the plan's order, on one thread."""
 
     def load(batch: Sequence[Tile]) -> Any:
-        x = normalize(np.stack([read_window(image, *t.window, offset=plan.margin) for t in batch]))
-        return stage(x) if stage is not None else x
+        return stage(normalize(np.stack([read_window(image, *t.window, offset=plan.margin) for t in batch])))
 
     batches = _batches(plan.tiles, batch_size)
     if not threaded:
@@ -118,28 +105,58 @@ def _prefetched(
 def predict_tiles(
     image: Any,
     plan: TilePlan,
-    predict: Callable[[npt.NDArray[np.float32]], npt.NDArray[Any]],
+    predictor: Predictor,
     *,
+    output: Output = "labels",
     batch_size: int | None = None,
     normalize: Normalize = _float32,
 ) -> Iterator[tuple[Tile, npt.NDArray[Any]]]:
     """Yield ``(tile, tile_output)`` for every tile of ``plan``, in order.
 
-    ``predict`` maps a (B, C, h, w) float32 batch to (B, K, th, tw) scores or
-    (B, th, tw) labels; anything else is refused with the shape that was expected.
-    ``batch_size=None`` asks the predictor (``preferred_batch_size``), else uses 4.
+    ``output="labels"`` runs ``predictor.predict_labels`` ((B, th, tw) class ids),
+    ``"probabilities"`` the predictor itself ((B, K, th, tw)); any other shape is refused
+    with the shape that was expected. ``batch_size=None`` asks the predictor.
     """
-    batch_size = _resolve_batch_size(predict, plan, batch_size)
+    if output not in ("labels", "probabilities"):
+        raise TilingError(f"output must be 'labels' or 'probabilities', got {output!r}")
+    batch_size = resolve_batch_size(predictor, plan, batch_size)
+    predict = predictor.predict_labels if output == "labels" else predictor
     th, tw = plan.tile_out
-    threaded = _overlaps(predict)
-    for batch, x in _prefetched(image, plan, batch_size, normalize, _stager(predict), threaded=threaded):
+    batches = _prefetched(image, plan, batch_size, normalize, predictor.stage, threaded=predictor.overlap_host_work)
+    for batch, x in batches:
         y = np.asarray(predict(x))
-        if y.ndim not in (3, 4) or y.shape[0] != len(batch) or y.shape[-2:] != (th, tw):
+        if y.ndim != (3 if output == "labels" else 4) or y.shape[0] != len(batch) or y.shape[-2:] != (th, tw):
+            expected = (
+                f"({len(batch)}, {th}, {tw}) labels" if output == "labels" else f"({len(batch)}, K, {th}, {tw}) scores"
+            )
             raise TilingError(
-                f"model returned shape {tuple(y.shape)} for a batch of shape {tuple(x.shape)}; "
-                f"expected ({len(batch)}, K, {th}, {tw}) scores or ({len(batch)}, {th}, {tw}) labels"
+                f"model returned shape {tuple(y.shape)} for a batch of shape {tuple(x.shape)}; expected {expected}"
             )
         yield from zip(batch, y, strict=True)
+
+
+def run(
+    image: Any,
+    plan: TilePlan,
+    predictor: Predictor,
+    sink: TileSink,
+    *,
+    output: Output = "labels",
+    batch_size: int | None = None,
+    normalize: Normalize = _float32,
+    progress: ProgressCallback | None = None,
+) -> Any:
+    """Predict every tile of ``plan`` and hand it to ``sink``; returns ``sink.finish()``.
+
+    ``progress(done, total)`` is called after each tile; raising from it stops the run.
+    """
+    for done, (tile, y) in enumerate(
+        predict_tiles(image, plan, predictor, output=output, batch_size=batch_size, normalize=normalize), 1
+    ):
+        sink.add(tile, y)
+        if progress is not None:
+            progress(done, len(plan))
+    return sink.finish()
 
 
 def segment(
@@ -179,36 +196,20 @@ def segment(
     if output not in ("labels", "probabilities"):
         raise TilingError(f"output must be 'labels' or 'probabilities', got {output!r}")
     image = _as_chw(image)
-    predictor = as_predictor(model, device=device, precision=precision)
+    predictor = as_predictor(model, depth=depth, device=device, precision=precision)
     plan = plan_tiles(
         image.shape[-2:], depth=_resolve_depth(predictor, model, depth), tile_size=tile_size, stride=stride
     )
     log.debug("%d tiles of %s for an image of %s", len(plan), plan.tile_out, image.shape)
-    if output == "labels":
-        predict = getattr(predictor, "predict_labels", None) or _argmax(predictor)
-    else:
-        predict = predictor
-    out: npt.NDArray[Any] | None = None
-    for done, (tile, y) in enumerate(
-        predict_tiles(image, plan, predict, batch_size=batch_size, normalize=normalize or _float32), 1
-    ):
-        if out is None:
-            out = np.empty((*y.shape[:-2], *plan.image_shape), np.uint8 if output == "labels" else np.float32)
-        out[(..., *tile.dest)] = y[(..., *tile.keep)]
-        if progress is not None:
-            progress(done, len(plan))
-    assert out is not None  # a plan always holds at least one tile
-    return out
-
-
-def _argmax(
-    predictor: Callable[[npt.NDArray[np.float32]], npt.NDArray[Any]],
-) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.uint8]]:
-    def labels(x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
-        y = np.asarray(predictor(x))
-        if y.ndim != 4:
-            raise TilingError(f"model returned shape {tuple(y.shape)}; expected (B, K, h, w) scores")
-        labels_: npt.NDArray[np.uint8] = y.argmax(axis=1).astype(np.uint8)
-        return labels_
-
-    return labels
+    sink = ArraySink(plan.image_shape, np.uint8 if output == "labels" else np.float32)
+    result: npt.NDArray[Any] = run(
+        image,
+        plan,
+        predictor,
+        sink,
+        output=output,
+        batch_size=batch_size,
+        normalize=normalize or _float32,
+        progress=progress,
+    )
+    return result

@@ -31,7 +31,7 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -42,7 +42,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .errors import TilingError
 
 __all__ = [
+    "CallablePredictor",
     "Precision",
+    "Predictor",
     "TorchPredictor",
     "as_predictor",
     "cpu_supports_bf16",
@@ -63,6 +65,80 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CPU_ACTIVATION_BUDGET = 24 << 20
 _CUDA_MAX_BATCH = 64
 _CUDA_MEMORY_FRACTION = 0.6  # of the free device memory, for one batch's activations
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What the engine needs of a model: every hook is declared, none is looked up.
+
+    ``depth``: the network depth (None: the caller passes it); ``overlap_host_work``: read
+    the next batch on a worker thread while a pass runs; ``stage``: turn a normalized batch
+    into what the passes take (pinned memory on CUDA), on that thread;
+    ``preferred_batch_size``: tiles per batch for input windows of a shape.
+    """
+
+    @property
+    def depth(self) -> int | None: ...
+
+    @property
+    def overlap_host_work(self) -> bool: ...
+
+    def preferred_batch_size(self, tile_in: tuple[int, int]) -> int: ...
+
+    def stage(self, x: npt.NDArray[np.float32]) -> Any: ...
+
+    def __call__(self, x: Any) -> npt.NDArray[np.float32]:
+        """(B, C, h, w) -> (B, K, h - 2m, w - 2m) scores or probabilities."""
+
+    def predict_labels(self, x: Any) -> npt.NDArray[np.uint8]:
+        """(B, C, h, w) -> (B, h - 2m, w - 2m) class ids."""
+
+
+class CallablePredictor:
+    """Any callable on numpy batches as a :class:`Predictor`: labels are the argmax of its
+    scores, batches of ``batch_size``, staging is the identity.
+
+    >>> crop = CallablePredictor(lambda x: x[:, :, 92:-92, 92:-92], depth=4)
+    >>> crop.predict_labels(np.zeros((1, 2, 188, 188), np.float32)).shape
+    (1, 4, 4)
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[npt.NDArray[np.float32]], Any],
+        *,
+        depth: int | None = None,
+        batch_size: int = 4,
+        overlap_host_work: bool = True,
+    ) -> None:
+        self.fn, self._depth, self.batch_size, self._overlap = fn, depth, batch_size, overlap_host_work
+
+    @property
+    def depth(self) -> int | None:
+        return self._depth
+
+    @property
+    def overlap_host_work(self) -> bool:
+        return self._overlap
+
+    def preferred_batch_size(self, tile_in: tuple[int, int]) -> int:
+        return self.batch_size
+
+    def stage(self, x: npt.NDArray[np.float32]) -> Any:
+        return x
+
+    def __call__(self, x: Any) -> npt.NDArray[np.float32]:
+        return np.asarray(self.fn(x))
+
+    def predict_labels(self, x: Any) -> npt.NDArray[np.uint8]:
+        y = self(x)
+        if y.ndim != 4:
+            raise TilingError(f"model returned shape {tuple(y.shape)}; expected (B, K, h, w) scores")
+        labels: npt.NDArray[np.uint8] = y.argmax(axis=1).astype(np.uint8)
+        return labels
+
+    def __repr__(self) -> str:
+        return f"CallablePredictor({self.fn!r})"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -89,7 +165,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     ``auto`` is bf16 where the device computes it natively (CUDA GPUs with bf16, CPUs with
     AVX512-BF16/AMX) and fp32 elsewhere. bf16 was chosen for ``auto`` by measurement: on
     the demo checkpoint and demo image its labels agree with fp32 on >= 99.9 % of pixels
-    (see docs/speed.md); fp16 is never chosen automatically.
+    (see docs/performance.md#precision); fp16 is never chosen automatically.
     """
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise TilingError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
@@ -299,10 +375,13 @@ class TorchPredictor:
         return f"TorchPredictor(device={self.device}, precision={self.precision})"
 
 
-def as_predictor(model: Any, **kwargs: Any) -> Any:
-    """A module becomes a :class:`TorchPredictor`; any other callable passes through."""
+def as_predictor(model: Any, *, depth: int | None = None, **kwargs: Any) -> Predictor:
+    """A module becomes a :class:`TorchPredictor` (``kwargs``: device, precision), a
+    :class:`Predictor` stays as it is, any other callable becomes a :class:`CallablePredictor`."""
     if isinstance(model, nn.Module):
         return TorchPredictor(model, **kwargs)
+    if isinstance(model, Predictor):
+        return model
     if not callable(model):
         raise TilingError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
-    return model
+    return CallablePredictor(model, depth=depth)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
 from .errors import CheckpointError
 from .model import UNet, UNetConfig
 from .normalization import Normalization
@@ -113,16 +113,9 @@ def save_checkpoint(
         "foreground": json.dumps(list(fg)),
         "info": json.dumps(dict(info or {})),
     }
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return file_sha256(target)
+    with atomic_path(path) as part:
+        save_file(tensors, str(part), metadata=metadata)
+    return file_sha256(path)
 
 
 def _default_class_names(n: int) -> tuple[str, ...]:

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ import torch
 from scipy import ndimage
 
 from . import geometry
+from .atomic import atomic_path
 from .augment import intensity_jitter, random_warp, sample_patch, warp_coordinates
 from .errors import UNetError
 from .losses import border_weight_map, boundary_target, separate_touching, soft_dice_loss, weighted_cross_entropy
@@ -283,14 +283,8 @@ def _signature(model: UNet, config: TrainConfig, data: TrainingData) -> str:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as part:
+        torch.save(state, part)
 
 
 def train(

@@ -15,8 +15,8 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from ..admission import valid_tile_sizes
 from ..deps import ServiceState, StateDep
-from ..limits import valid_tile_sizes
 from .common import error_responses
 
 __all__ = ["docs", "openapi", "router", "service_openapi"]

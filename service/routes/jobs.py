@@ -15,29 +15,25 @@ either, 408 and the partial upload is deleted; a disk that fills up during it ge
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse
 
+from ..admission import admit
 from ..deps import SegmenterDep, SettingsDep
-from ..errors import InputError, UnsupportedImageError, storage_error
+from ..errors import JobNotReadyError, QuotaExceededError, UnsupportedImageError, storage_error
 from ..http_errors import UnavailableError
-from ..io import read_header
-from ..jobs import (
-    JOB_ID_PATTERN,
-    JobNotReadyError,
-    JobOptions,
-    JobRecord,
-    JobWorker,
-    QuotaExceededError,
-)
-from ..limits import Spool, check_request, copy_body
+from ..jobs import JOB_ID_PATTERN, JobOptions, JobRecord, JobWorker
+from ..pipeline import choose_route
 from ..segmenter import Segmenter
 from ..settings import Settings
+from ..sources import TiffSource
+from ..upload import Spool, copy_body
 from .common import TIFF, UPLOAD_DOC, JobView, OutputQuery, SeriesQuery, TileSizeQuery, error_responses, header
 
 __all__ = ["delete_job", "job_result", "job_status", "router", "submit_job"]
@@ -114,19 +110,24 @@ async def _receive(request: Request, path: Path, room: int, worker: JobWorker, s
 
 
 def _admit(path: Path, segmenter: Segmenter, settings: Settings, worker: JobWorker, options: JobOptions) -> JobRecord:
-    """Check the upload like ``/segment`` does, from its header; streamed jobs may be larger."""
-    if options.pyramid and options.output != "labels":
-        raise InputError("pyramid=true applies to output=labels, not probabilities")
-    header = read_header(path, series=options.series)
-    if options.pyramid and header.stack_axes:
-        raise UnsupportedImageError(f"pyramid=true needs a single 2-D image; this one has axes {header.axes}")
-    streamed = worker.decide_streamed(header, options)
-    limits = settings
-    if streamed:  # windowed reads, banded output: the in-memory size limit does not apply
-        limits = settings.model_copy(update={"max_pixels": worker.max_pixels or 2**62, "max_image_mb": 2.0**40})
-    with open(path, "rb") as f:
-        admitted = check_request(
-            f, segmenter, limits, output=options.output, tile_size=options.tile_size, jobs=True, series=options.series
+    """Check the upload like ``/segment`` does, from its header parsed once; streamed jobs may be larger."""
+    most = max(settings.max_pixels, settings.jobs_max_pixels)  # before the segments are read; admit() decides which
+    with TiffSource(path, max_pixels=most, series=options.series) as source:
+        header = source.header
+        route = choose_route(
+            header, options.pipeline, stream_above_mb=worker.stream_above_mb, zarr_out=options.format == "ome-zarr"
+        )
+        if options.pyramid and header.stack_axes:
+            raise UnsupportedImageError(f"pyramid=true needs a single 2-D image; this one has axes {header.axes}")
+        admitted = admit(
+            header,
+            segmenter,
+            settings,
+            output=options.output,
+            tile_size=options.tile_size,
+            compressions=source.compressions,
+            jobs=True,
+            streamed=route.streamed,
         )
     return JobRecord(
         id=path.parent.name,
@@ -139,7 +140,8 @@ def _admit(path: Path, segmenter: Segmenter, settings: Settings, worker: JobWork
             "series": header.series,
             "series_count": header.series_count,
         },
-        streamed=streamed,
+        streamed=route.streamed,
+        route=asdict(route),
         input_bytes=path.stat().st_size,
     )
 
@@ -191,6 +193,10 @@ async def submit_job(
     tile_size: TileSizeQuery = 388,
     pyramid: Annotated[bool, Query(description="labels as a pyramidal OME-TIFF (streamed)")] = False,
     series: SeriesQuery = 0,
+    format: Annotated[
+        Literal["tiff", "ome-zarr"],
+        Query(description="the result: a TIFF, or an OME-Zarr store (labels; downloaded as a zip of the store)"),
+    ] = "tiff",
 ) -> JSONResponse:
     """Queue the uploaded TIFF as a job: 202 with its id and URL.
 
@@ -200,7 +206,7 @@ async def submit_job(
     """
     worker = _worker(request)
     store = worker.store
-    options = JobOptions(output=output, tile_size=tile_size, pyramid=pyramid, series=series)
+    options = JobOptions(output=output, tile_size=tile_size, pyramid=pyramid, series=series, format=format)
     used = await anyio.to_thread.run_sync(store.usage_bytes)
     declared = request.headers.get("content-length", "")
     if declared.isdigit():  # refuse before reading a byte (curl waits on 100-continue)
@@ -242,12 +248,15 @@ async def job_status(request: Request, job_id: JobId) -> dict[str, Any]:
     summary="Download the mask of a finished job",
     responses={
         200: {
-            "content": TIFF,
-            "description": "the mask as a compressed TIFF (a pyramidal OME-TIFF with pyramid=true)",
+            "content": {**TIFF, "application/zip": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the mask as a compressed TIFF (a pyramidal OME-TIFF with pyramid=true), or with"
+            " format=ome-zarr a zip of the OME-Zarr store (image and labels/unet)",
             "headers": {
                 "X-Tiles": header("tiles computed", {"type": "integer", "minimum": 0}),
                 "X-Image-Shape": header("the input's shape, e.g. `2048x2048`"),
-                "Content-Disposition": header('`attachment; filename="mask.tif"` (or `mask.ome.tif`)'),
+                "Content-Disposition": header(
+                    '`attachment; filename="mask.tif"` (or `mask.ome.tif`, `mask.ome.zarr.zip`)'
+                ),
             },
         },
         **_BY_ID_ERRORS,
@@ -264,10 +273,14 @@ async def job_result(request: Request, job_id: JobId) -> FileResponse:
         elif record.error:
             detail += f": {record.error}"
         raise JobNotReadyError(detail)
-    name = "mask.ome.tif" if record.options.pyramid else "mask.tif"
+    fmt = record.options.format
+    if fmt == "ome-zarr":
+        name, media_type = "mask.ome.zarr.zip", "application/zip"
+    else:
+        name, media_type = ("mask.ome.tif" if record.options.pyramid else "mask.tif"), "image/tiff"
     return FileResponse(
-        worker.store.result_path(job_id),
-        media_type="image/tiff",
+        worker.store.result_path(job_id, fmt),
+        media_type=media_type,
         filename=name,
         headers={
             "X-Tiles": str(record.tiles_total),

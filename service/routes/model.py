@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from ..admission import valid_tile_sizes
 from ..deps import SegmenterDep, SettingsDep
-from ..limits import valid_tile_sizes
 from .common import error_responses
 
 __all__ = ["model", "router"]

@@ -7,19 +7,28 @@ import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, BinaryIO
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+from starlette.types import Receive, Scope, Send
 
+from ..admission import Admitted, admit
 from ..deps import SegmenterDep, SettingsDep, StateDep
 from ..errors import UnsupportedImageError
 from ..http_errors import ClientDisconnectedError, TimeLimitError
-from ..io import ImageHeader, encode_tiff, read_image
-from ..limits import Job, check_request, receive_upload, run_guarded
 from ..metrics import Metrics
+from ..pipeline import Options, Route, choose_route, open_sink
+from ..pipeline import segment as run_pipeline
 from ..segmenter import Segmenter
-from ..streaming import segment_file, should_stream
+from ..settings import Settings
+from ..sinks import MemorySink
+from ..slots import Deadline, run_guarded
+from ..sources import TiffSource
+from ..upload import Spool, receive_upload
 from .common import TIFF, UPLOAD_DOC, OutputQuery, SeriesQuery, TileSizeQuery, error_responses, header
 
 __all__ = ["router", "segment"]
@@ -90,35 +99,22 @@ async def segment(
     assert state.slots is not None and state.executor is not None  # set with the segmenter
     slots, metrics = state.slots, state.metrics
     start = time.monotonic()
-    job = Job(start + settings.request_timeout_s, settings.request_timeout_s)
+    deadline = Deadline(start + settings.request_timeout_s, settings.request_timeout_s)
+    options = Options(output=output, tile_size=tile_size, series=series)
     slots.admit()  # 503 before reading a byte of an upload we cannot serve
     outcome = "error"
     try:
-        spool = await receive_upload(request, settings, job.deadline)
+        spool = await receive_upload(request, settings, deadline.at)
         try:
-            src = spool.file()
-            admitted = await anyio.to_thread.run_sync(
-                lambda: check_request(src, segmenter, settings, output=output, tile_size=tile_size, series=series)
-            )
-            header = admitted.header
-            queued_at = time.monotonic()
-            await slots.acquire(_queue_watch(request, job))
-            timings: dict[str, float] = {"queue": time.monotonic() - queued_at}
-
-            streamed = spool.path is not None and should_stream(header, settings.stream_above_mb, output=output)
-
-            def work() -> bytes:
-                if streamed:
-                    assert spool.path is not None
-                    try:
-                        return _segment_streamed(
-                            segmenter, spool.path, job, metrics, tile_size, settings.max_pixels, timings, series
-                        )
-                    except UnsupportedImageError as e:  # header checks passed: only the storage layout is left
-                        log.info("streamed path unavailable (%s); decoding in memory", e)
-                return _segment(segmenter, src, header, job, metrics, output, tile_size, settings.max_pixels, timings)
-
-            body = await run_guarded(request, job, state.executor, work, slots.release, slots.check_open)
+            run = await anyio.to_thread.run_sync(lambda: _Run.open(spool, segmenter, settings, options))
+            try:
+                queued_at = time.monotonic()
+                await slots.acquire(_queue_watch(request, deadline))
+                run.timings["queue"] = time.monotonic() - queued_at
+                work = lambda: run.work(segmenter, deadline, metrics)  # noqa: E731
+                answer = await run_guarded(request, deadline, state.executor, work, slots.release, slots.check_open)
+            finally:
+                run.source.close()
         finally:
             spool.close()
         outcome = "ok"
@@ -128,102 +124,121 @@ async def segment(
     finally:
         slots.leave()
         metrics.segmentations.labels(outcome).inc()
-    planes = header.pixels // header.channels
-    metrics.megapixels.inc(planes / 1e6)
-    timing = ", ".join(f"{k};dur={_ms(v)}" for k, v in timings.items())
+    head = run.admitted.header
+    metrics.megapixels.inc(head.pixels // head.channels / 1e6)
+    timing = ", ".join(f"{k};dur={_ms(v)}" for k, v in run.timings.items())
     log.info(
-        "segmented %s %s image (%d tiles) in %.2f s [%s]",
-        "x".join(map(str, header.shape)),
-        header.dtype.name,
-        admitted.tiles,
+        "segmented %s %s image (%d tiles, %s) in %.2f s [%s]",
+        "x".join(map(str, head.shape)),
+        head.dtype.name,
+        run.admitted.tiles,
+        "streamed" if run.route.streamed else "in memory",
         time.monotonic() - start,
         timing,
     )
-    return Response(
-        body,
-        media_type="image/tiff",
-        headers={
-            "X-Model-SHA256": segmenter.checkpoint.sha256,
-            "X-Tiles": str(admitted.tiles),
-            "X-Image-Shape": "x".join(map(str, header.shape)),
-            "X-Image-Axes": header.axes,
-            "X-Series": f"{header.series}/{header.series_count}",
-            "Server-Timing": timing,
-            "Content-Disposition": 'attachment; filename="mask.tif"',
-        },
-    )
+    headers = {
+        "X-Model-SHA256": segmenter.checkpoint.sha256,
+        "X-Tiles": str(run.admitted.tiles),
+        "X-Image-Shape": "x".join(map(str, head.shape)),
+        "X-Image-Axes": head.axes,
+        "X-Series": f"{head.series}/{head.series_count}",
+        "Server-Timing": timing,
+    }
+    if isinstance(answer, Path):
+        return _TemporaryFileResponse(answer, media_type="image/tiff", filename="mask.tif", headers=headers)
+    headers["Content-Disposition"] = 'attachment; filename="mask.tif"'
+    return Response(answer, media_type="image/tiff", headers=headers)
 
 
-def _queue_watch(request: Request, job: Job) -> Callable[[], Awaitable[None]]:
+class _TemporaryFileResponse(FileResponse):
+    """A streamed answer from a result file, deleted once sent (or when the client leaves)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            Path(self.path).unlink(missing_ok=True)
+
+
+@dataclass
+class _Run:
+    """One /segment request once its upload is in: the TIFF opened once, admitted, routed."""
+
+    source: TiffSource
+    admitted: Admitted
+    route: Route
+    options: Options
+    spool_dir: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, spool: Spool, segmenter: Segmenter, settings: Settings, options: Options) -> _Run:
+        """Parse the upload once and hold it to every limit (no pixel decoded)."""
+        upload = spool.file()  # flushed: a spool on disk is then read through its path (memory maps)
+        source = TiffSource(spool.path or upload, max_pixels=settings.max_pixels, series=options.series)
+        try:
+            header = source.header
+            route = choose_route(header, options, stream_above_mb=settings.stream_above_mb)
+            admitted = admit(
+                header,
+                segmenter,
+                settings,
+                output=options.output,
+                tile_size=options.tile_size,
+                compressions=source.compressions,
+            )
+        except BaseException:
+            source.close()
+            raise
+        directory = os.path.dirname(spool.path) if spool.path else str(settings.spool_dir or tempfile.gettempdir())
+        return cls(source, admitted, route, options, directory)
+
+    def work(self, segmenter: Segmenter, deadline: Deadline, metrics: Metrics) -> bytes | Path:
+        """Decode (or open windowed), segment and encode on a worker thread; stops at the next
+        tile once ``deadline`` is cancelled. A streamed result is a file, answered from disk."""
+        t0 = time.perf_counter()
+        deadline.check()
+        route = self.route
+        if route.read == "windowed":
+            try:
+                self.source.windowed()
+            except UnsupportedImageError as e:  # header checks passed: only the storage layout is left
+                log.info("windowed reads unavailable (%s); decoding in memory", e)
+                route = Route("decoded", "memory")
+        if route.read == "decoded":
+            self.source.decoded()
+        t1 = time.perf_counter()
+
+        def progress(n: int) -> None:
+            metrics.tiles.inc(n)
+            deadline.check()
+
+        target = None
+        if route.write != "memory":
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="unet-result-", suffix=".tif")
+            os.close(fd)
+            target = Path(name)
+        try:
+            sink = open_sink(route, target, self.source.header, segmenter, self.options)
+            run_pipeline(segmenter, self.source, sink, self.options, progress)
+            deadline.check()
+            t2 = time.perf_counter()
+            answer: bytes | Path = sink.encode() if isinstance(sink, MemorySink) else target  # type: ignore[assignment]
+        except BaseException:
+            if target is not None:
+                target.unlink(missing_ok=True)
+            raise
+        self.timings.update(decode=t1 - t0, infer=t2 - t1, encode=time.perf_counter() - t2)
+        return answer
+
+
+def _queue_watch(request: Request, deadline: Deadline) -> Callable[[], Awaitable[None]]:
     """What a queued request checks between polls: is the client still there, is there time left?"""
 
     async def watch() -> None:
         if await request.is_disconnected():
             raise ClientDisconnectedError("client disconnected while queued")
-        if time.monotonic() > job.deadline:
-            raise TimeLimitError(f"no device slot became free within {job.timeout_s:g} s")
+        if time.monotonic() > deadline.at:
+            raise TimeLimitError(f"no device slot became free within {deadline.timeout_s:g} s")
 
     return watch
-
-
-def _segment(
-    segmenter: Segmenter,
-    src: BinaryIO,
-    header: ImageHeader,
-    job: Job,
-    metrics: Metrics,
-    output: str,
-    tile_size: int,
-    max_pixels: int,
-    timings: dict[str, float],
-) -> bytes:
-    """Decode, segment and encode on a worker thread, stopping at the next batch if ``job`` is cancelled."""
-    t0 = time.perf_counter()
-    job.check()
-    image = read_image(src, max_pixels=max_pixels, series=header.series)
-    t1 = time.perf_counter()
-
-    def progress(n: int) -> None:
-        metrics.tiles.inc(n)
-        job.check()
-
-    result = segmenter.segment(image, output=output, tile_size=tile_size, progress=progress)
-    del image
-    job.check()
-    t2 = time.perf_counter()
-    data = encode_tiff(header, result)
-    timings.update(decode=t1 - t0, infer=t2 - t1, encode=time.perf_counter() - t2)
-    return data
-
-
-def _segment_streamed(
-    segmenter: Segmenter,
-    path: str,
-    job: Job,
-    metrics: Metrics,
-    tile_size: int,
-    max_pixels: int,
-    timings: dict[str, float],
-    series: int = 0,
-) -> bytes:
-    """The streamed path for a large upload spooled to disk: windows read from the file,
-    labels written band by band to a tiled BigTIFF beside it, whose (compressed) bytes are
-    the answer. Memory stays O(tile rows x width) instead of the decoded image."""
-    t0 = time.perf_counter()
-    job.check()
-
-    def progress(n: int) -> None:
-        metrics.tiles.inc(n)
-        job.check()
-
-    fd, out = tempfile.mkstemp(dir=os.path.dirname(path), prefix="unet-result-", suffix=".tif")
-    os.close(fd)
-    try:
-        segment_file(segmenter, path, out, tile_size=tile_size, max_pixels=max_pixels, progress=progress, series=series)
-        t1 = time.perf_counter()
-        with open(out, "rb") as f:
-            data = f.read()
-    finally:
-        os.unlink(out)
-    timings.update(decode=0.0, infer=t1 - t0, encode=time.perf_counter() - t1)
-    return data

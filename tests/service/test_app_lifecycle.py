@@ -21,7 +21,7 @@ import pytest
 import tifffile
 
 from service.app import create_app
-from service.server import register, settings_from_args
+from service.cli.serve import register, settings_from_args
 from service.settings import Settings, get_settings
 from tests.service.conftest import LONG_JOB_LIMITS
 

@@ -30,9 +30,9 @@ from scipy import ndimage
 import tiling
 import unet
 from service.cli import main
-from service.io import read_image
+from service.pipeline import Options, segment_file, segment_image
 from service.segmenter import Segmenter
-from service.streaming import segment_file
+from service.sources import read_image
 from tests.conftest import balance_classes, make_model
 from tests.service.conftest import Server
 
@@ -339,8 +339,10 @@ def segmenter(tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
 def both_paths(segmenter: Segmenter, image: np.ndarray[Any, Any], tmp: Path) -> np.ndarray[Any, Any]:
     """The in-memory and streamed masks of a 2-D image; they must be equal."""
     tifffile.imwrite(tmp / "in.tif", image, tile=(64, 64), compression="zlib")
-    memory = segmenter.segment(read_image(tmp / "in.tif"), tile_size=100)[0]
-    segment_file(segmenter, tmp / "in.tif", tmp / "out.tif", tile_size=100)
+    memory = segment_image(segmenter, read_image(tmp / "in.tif"), Options(tile_size=100))[0]
+    assert segment_file(
+        segmenter, tmp / "in.tif", tmp / "out.tif", Options(tile_size=100), stream_above_mb=0
+    ).route.streamed
     np.testing.assert_array_equal(tifffile.imread(tmp / "out.tif"), memory)
     return np.asarray(memory)
 
@@ -377,11 +379,13 @@ def test_nan_regions_are_background_and_stacks_keep_their_other_planes(segmenter
 
     stack = np.stack([blobs((120, 130), seed=2), np.full((120, 130), np.nan, np.float32)])
     tifffile.imwrite(tmp_path / "z.tif", stack, metadata={"axes": "ZYX"}, photometric="minisblack")
-    alone = segmenter.segment(read_image(tmp_path / "z.tif"), tile_size=100)
+    alone = segment_image(segmenter, read_image(tmp_path / "z.tif"), Options(tile_size=100))
     assert (alone[1] == 0).all()
     tifffile.imwrite(tmp_path / "z0.tif", stack[0])
-    np.testing.assert_array_equal(alone[0], segmenter.segment(read_image(tmp_path / "z0.tif"), tile_size=100)[0])
-    segment_file(segmenter, tmp_path / "z.tif", tmp_path / "z-out.tif", tile_size=100)
+    np.testing.assert_array_equal(
+        alone[0], segment_image(segmenter, read_image(tmp_path / "z0.tif"), Options(tile_size=100))[0]
+    )
+    segment_file(segmenter, tmp_path / "z.tif", tmp_path / "z-out.tif", Options(tile_size=100), stream_above_mb=0)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "z-out.tif"), alone)
 
 

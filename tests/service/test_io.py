@@ -11,7 +11,8 @@ import pytest
 import tifffile
 
 from service.errors import CorruptImageError, ImageTooLargeError, NotATiffError, UnsupportedImageError
-from service.io import encode_tiff, read_header, read_image, write_tiff_atomic
+from service.io import encode_tiff, read_header, write_tiff
+from service.sources import read_image
 
 
 def bomb_tiff(width: int = 60000, height: int = 60000) -> bytes:
@@ -115,7 +116,7 @@ def test_output_keeps_stack_axes_resolution_and_is_compressed(tmp_path: Path) ->
     tifffile.imwrite(tmp_path / "z.tif", stack, imagej=True, metadata={"axes": "ZYX"}, resolution=(2.0, 4.0))
     img = read_image(tmp_path / "z.tif")
     labels = np.ones((3, 64, 80), np.uint8)
-    write_tiff_atomic(tmp_path / "out.tif", img.header, labels)
+    write_tiff(tmp_path / "out.tif", img.header, labels)
     with tifffile.TiffFile(tmp_path / "out.tif") as t:
         assert t.series[0].axes == "ZYX" and t.series[0].shape == (3, 64, 80)
         assert t.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
@@ -179,7 +180,7 @@ def test_output_axes_round_trip_stack_axes_then_yx(tmp_path: Path, axes: str, sh
     tifffile.imwrite(tmp_path / "a.tif", np.zeros(shape, np.uint8), photometric="minisblack", metadata={"axes": axes})
     header = read_image(tmp_path / "a.tif").header
     n = math.prod(header.stack_shape)
-    write_tiff_atomic(tmp_path / "out.tif", header, np.ones((n, 6, 7), np.uint8))
+    write_tiff(tmp_path / "out.tif", header, np.ones((n, 6, 7), np.uint8))
     stack = "".join(a for a in axes if a not in "YX")
     with tifffile.TiffFile(tmp_path / "out.tif") as t:
         assert t.series[0].axes == stack + "YX" and t.series[0].shape == (*header.stack_shape, 6, 7)

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +16,12 @@ import tifffile
 import torch
 
 import unet
-from service.io import read_header, read_image
-from service.jobs import (
-    InvalidJobIdError,
-    JobError,
-    JobNotFoundError,
-    JobOptions,
-    JobRecord,
-    JobStore,
-    JobWorker,
-    QuotaExceededError,
-)
+from service.errors import InvalidJobIdError, JobError, JobNotFoundError, QuotaExceededError
+from service.io import read_header
+from service.jobs import JobOptions, JobRecord, JobStore, JobWorker
+from service.pipeline import Options, choose_route, count_tiles, segment_image
 from service.segmenter import Segmenter
+from service.sources import read_image
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +42,13 @@ def add_job(store: JobStore, worker: JobWorker, data: np.ndarray, **options: obj
     tifffile.imwrite(store.input_path(job_id), data, tile=(64, 64))
     opts = JobOptions(**options)  # type: ignore[arg-type]
     header = read_header(store.input_path(job_id))
+    route = choose_route(header, opts.pipeline, stream_above_mb=worker.stream_above_mb)
     record = JobRecord(
         job_id,
         opts,
-        tiles_total=worker.segmenter.count_tiles(header, opts.tile_size),
-        streamed=worker.decide_streamed(header, opts),
+        tiles_total=count_tiles(worker.segmenter, header, opts.pipeline),
+        streamed=route.streamed,
+        route=asdict(route),
     )
     worker.submit(record)
     return record
@@ -115,7 +112,7 @@ def test_worker_runs_jobs_in_memory_and_streamed_like_the_segmenter(
         assert record.result_bytes == store.result_path(job.id).stat().st_size
         assert not store.input_path(job.id).exists()  # the upload is freed once the job ends
         tifffile.imwrite(store.root / "ref.tif", data)
-        expected = segmenter.segment(read_image(store.root / "ref.tif"), tile_size=52)[0]
+        expected = segment_image(segmenter, read_image(store.root / "ref.tif"), Options(tile_size=52))[0]
         with tifffile.TiffFile(store.result_path(job.id)) as t:
             assert t.pages.first.is_tiled == job.streamed
             np.testing.assert_array_equal(t.asarray(), expected)
@@ -145,7 +142,7 @@ def test_a_worker_sharing_the_servers_executor_runs_every_forward_pass_there(
     assert set(passes) == {"segment_0"}
     for job, data in zip(jobs, (small, big), strict=True):
         tifffile.imwrite(store.root / "ref.tif", data)
-        expected = segmenter.segment(read_image(store.root / "ref.tif"), tile_size=52)[0]
+        expected = segment_image(segmenter, read_image(store.root / "ref.tif"), Options(tile_size=52))[0]
         np.testing.assert_array_equal(tifffile.imread(store.result_path(job.id)), expected)
     assert shared.describe()["precision"] == segmenter.describe()["precision"]
 

@@ -1,7 +1,7 @@
-"""The work one request may ask for (tiles, network-input pixels per image pixel) and the jobs' time limit.
+"""The work limits over HTTP (on /segment and /jobs alike), the jobs' time limit, and /model's account of them.
 
-The HTTP cases run against a real ``unet-tile serve`` on 127.0.0.1; the arithmetic that
-decides them is held to :func:`tiling.plan_tiles` directly.
+The cases run against a real ``unet-tile serve`` on 127.0.0.1; the arithmetic that decides
+them is tested in ``test_admission.py``.
 """
 
 from __future__ import annotations
@@ -17,21 +17,12 @@ import tifffile
 import torch
 
 import unet
-from service.errors import ImageTooLargeError
-from service.io import ImageHeader
 from service.jobs import JobOptions, JobRecord, JobStore, JobWorker
-from service.limits import check_work, plan_work
 from service.segmenter import Segmenter
 from service.settings import Settings
 from tests.service.conftest import Server, tiff_bytes
-from tiling import plan_tiles
-from unet import GeometryError
 
 THIN = (1, 10_000_000)  # the issue's image: a 10 KB zlib TIFF that tiles into 26,042 tiles
-
-
-def header(shape: tuple[int, ...], axes: str = "YX") -> ImageHeader:
-    return ImageHeader(shape, axes, np.dtype("uint8"), None, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -54,72 +45,6 @@ def thin_tiff() -> bytes:
 
 def job_dirs(root: Path) -> list[Path]:
     return [d for d in root.iterdir() if d.is_dir()]
-
-
-def test_plan_work_counts_the_tiles_that_plan_tiles_lays_out() -> None:
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        depth = int(rng.integers(2, 5))
-        shape = (int(rng.integers(1, 900)), int(rng.integers(1, 900)))
-        if rng.random() < 0.2:  # strips and specks
-            shape = (int(rng.integers(1, 20)), int(rng.integers(1, 5000)))
-        sizes = unet.geometry.valid_input_sizes(depth, stop=1600)
-        tile = sizes[int(rng.integers(len(sizes)))] - 2 * unet.geometry.context_margin(depth)
-        plan = plan_tiles(shape, depth=depth, tile_size=tile)
-        work = plan_work(*shape, 3, tile, depth)
-        assert work.tiles == 3 * len(plan), (shape, tile, depth)
-        assert work.tile_in == plan.tile_in
-        assert work.computed == 3 * len(plan) * plan.tile_in[0] * plan.tile_in[1]
-
-
-@pytest.mark.parametrize(
-    ("shape", "axes", "jobs"),
-    [
-        ((16384, 16384), "YX", False),  # UNET_MAX_PIXELS on /segment
-        ((131072, 131072), "YX", True),  # UNET_JOBS_MAX_PIXELS = 2**34, square
-        ((16384, 2**20), "YX", True),  # 2**34, wide
-        ((256, 2**26), "YX", True),  # 2**34, a strip one tile high
-        ((1, 1), "YX", False),
-        ((1000, 64, 64), "QYX", False),  # a stack of small planes
-    ],
-)
-def test_the_default_limits_admit_the_largest_normal_requests_at_tile_size_388(
-    shape: tuple[int, ...], axes: str, jobs: bool
-) -> None:
-    work = check_work(header(shape, axes), 4, Settings(), tile_size=388, jobs=jobs)
-    assert work.tiles == plan_work(shape[-2], shape[-1], shape[0] if len(shape) == 3 else 1, 388, 4).tiles
-
-
-def test_a_small_image_passes_at_any_tile_size() -> None:
-    """Below 1 MiPx an image counts as 1 MiPx: a tiny request is cheap however it is tiled."""
-    settings = Settings()
-    for tile in (4, 20, 36):
-        work = check_work(header((40, 60)), 4, settings, tile_size=tile)  # admitted: no error
-        assert work.tiles == plan_work(40, 60, 1, tile, 4).tiles
-    assert work.per_pixel > settings.max_work_per_pixel  # over the ratio by its own pixels: the floor let it in
-
-
-def test_too_many_tiles_at_a_small_tile_size_gets_422_naming_a_tile_size_and_jobs() -> None:
-    with pytest.raises(GeometryError) as e:
-        check_work(header((16384, 16384)), 4, Settings(), tile_size=36)
-    assert str(e.value) == (
-        "at tile_size=36 this 16,384 x 16,384 image needs 262,144 tiles; this server runs at most 4,096 per request "
-        "(UNET_MAX_TILES); use tile_size=388 (1,849 tiles), or submit it to POST /jobs (up to 262,144 tiles, "
-        "UNET_JOBS_MAX_TILES)"
-    )
-
-
-def test_too_many_tiles_at_every_tile_size_gets_413_pointing_to_jobs() -> None:
-    settings = Settings(max_tiles=100)
-    with pytest.raises(ImageTooLargeError) as e:
-        check_work(header((16384, 16384)), 4, settings, tile_size=388)
-    assert str(e.value) == (
-        "at tile_size=388 this 16,384 x 16,384 image needs 1,849 tiles; this server runs at most 100 per request "
-        "(UNET_MAX_TILES); no tile_size brings it within the limits: send a smaller image, or submit it to "
-        "POST /jobs (up to 262,144 tiles, UNET_JOBS_MAX_TILES)"
-    )
-    with pytest.raises(ImageTooLargeError, match=r"at most 100 per job \(UNET_JOBS_MAX_TILES\).*smaller image$"):
-        check_work(header((16384, 16384)), 4, Settings(jobs_max_tiles=100), tile_size=388, jobs=True)
 
 
 def test_a_thin_zlib_tiff_gets_413_on_segment_and_jobs_and_leaves_nothing_behind(

@@ -17,9 +17,10 @@ from scipy import ndimage
 import unet
 from service.cli import main
 from service.errors import CorruptImageError, UnsupportedImageError
-from service.io import read_image
+from service.pipeline import Options, count_tiles, segment_file, segment_image
 from service.segmenter import Segmenter
-from service.streaming import OUTPUT_TILE, TiffSource, segment_file
+from service.sinks import OUTPUT_TILE
+from service.sources import TiffSource, read_image
 from tests.conftest import balance_classes
 
 
@@ -53,8 +54,13 @@ def segmenter(checkpoint: Path) -> Segmenter:
 
 
 def in_memory(segmenter: Segmenter, path: Path, tile_size: int = 100) -> np.ndarray:
-    out: np.ndarray = segmenter.segment(read_image(path), tile_size=tile_size)
-    return out
+    return segment_image(segmenter, read_image(path), Options(tile_size=tile_size))
+
+
+def streamed(segmenter: Segmenter, src: Path, dst: Path, tile_size: int = 100, **kw: object) -> None:
+    """The streamed path, whatever the image's size."""
+    report = segment_file(segmenter, src, dst, Options(tile_size=tile_size, **kw), stream_above_mb=0)  # type: ignore[arg-type]
+    assert report.route.streamed
 
 
 @pytest.mark.parametrize(
@@ -71,7 +77,10 @@ def test_streamed_equals_in_memory(tmp_path: Path, segmenter: Segmenter, layout:
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, image, resolution=(4.0, 4.0), resolutionunit="CENTIMETER", **layout)  # type: ignore[arg-type]
     ticks: list[int] = []
-    segment_file(segmenter, src, tmp_path / "out.tif", tile_size=100, progress=ticks.append)
+    report = segment_file(
+        segmenter, src, tmp_path / "out.tif", Options(tile_size=100), stream_above_mb=0, progress=ticks.append
+    )
+    assert report.route.streamed
     expected = in_memory(segmenter, src)[0]
     assert 0.1 < expected.mean() < 0.9, "test model should give both classes"
     with tifffile.TiffFile(tmp_path / "out.tif") as t:
@@ -83,19 +92,19 @@ def test_streamed_equals_in_memory(tmp_path: Path, segmenter: Segmenter, layout:
         out = t.asarray()
     assert out.shape == (300, 470) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, expected)
-    assert sum(ticks) == segmenter.count_tiles(read_image(src).header, 100)
+    assert sum(ticks) == count_tiles(segmenter, read_image(src).header, Options(tile_size=100)) == report.tiles
 
 
 def test_rgb_and_stack_stream_like_in_memory(tmp_path: Path, segmenter: Segmenter) -> None:
     rgb_ck = Segmenter(unet.load_checkpoint(balanced_checkpoint(tmp_path / "rgb.safetensors", in_channels=3)))
     rgb = smooth_image((150, 270, 3), seed=1, dtype=np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb", tile=(32, 32))
-    segment_file(rgb_ck, tmp_path / "rgb.tif", tmp_path / "rgb-out.tif", tile_size=100)
+    streamed(rgb_ck, tmp_path / "rgb.tif", tmp_path / "rgb-out.tif")
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "rgb-out.tif"), in_memory(rgb_ck, tmp_path / "rgb.tif")[0])
 
     stack = smooth_image((3, 120, 90), seed=2)
     tifffile.imwrite(tmp_path / "z.tif", stack, metadata={"axes": "ZYX"}, tile=(32, 32), photometric="minisblack")
-    segment_file(segmenter, tmp_path / "z.tif", tmp_path / "z-out.tif", tile_size=100)
+    streamed(segmenter, tmp_path / "z.tif", tmp_path / "z-out.tif")
     with tifffile.TiffFile(tmp_path / "z-out.tif") as t:
         assert t.series[0].axes == "ZYX"
         out = t.asarray()
@@ -107,7 +116,7 @@ def test_pyramid_is_an_ome_tiff_with_nearest_levels(tmp_path: Path, segmenter: S
     tifffile.imwrite(
         tmp_path / "in.tif", image, tile=(128, 128), resolution=(20000.0, 20000.0), resolutionunit="CENTIMETER"
     )
-    segment_file(segmenter, tmp_path / "in.tif", tmp_path / "out.ome.tif", tile_size=196, pyramid=True)
+    streamed(segmenter, tmp_path / "in.tif", tmp_path / "out.ome.tif", tile_size=196, pyramid=True)
     expected = in_memory(segmenter, tmp_path / "in.tif", tile_size=196)[0]
     with tifffile.TiffFile(tmp_path / "out.ome.tif") as t:
         assert t.is_ome and t.is_bigtiff
@@ -151,7 +160,14 @@ def test_failure_mid_stream_leaves_no_output(tmp_path: Path, segmenter: Segmente
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        segment_file(segmenter, tmp_path / "in.tif", tmp_path / "out.tif", tile_size=100, progress=cancel)
+        segment_file(
+            segmenter,
+            tmp_path / "in.tif",
+            tmp_path / "out.tif",
+            Options(tile_size=100),
+            stream_above_mb=0,
+            progress=cancel,
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
 
 
@@ -163,8 +179,8 @@ def test_truncated_and_huge_strip_files_are_refused(tmp_path: Path) -> None:
         TiffSource(tmp_path / "cut.tif")
     big = np.zeros((9000, 8000), np.uint8)  # one 72 MB compressed strip
     tifffile.imwrite(tmp_path / "strip.tif", big, compression="zlib", rowsperstrip=9000)
-    with pytest.raises(UnsupportedImageError, match="tiled or striped"):
-        TiffSource(tmp_path / "strip.tif")
+    with pytest.raises(UnsupportedImageError, match="tiled or striped"), TiffSource(tmp_path / "strip.tif") as source:
+        source.windowed()
 
 
 # The child warms up on a small image (torch, thread pools and tile buffers at their steady

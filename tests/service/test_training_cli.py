@@ -123,8 +123,8 @@ def test_evaluate_scores_a_perfect_model_as_one(tmp_path: Path, capsys: pytest.C
 def test_calibration_picks_the_offset_that_finds_dim_objects(tmp_path: Path) -> None:
     """Dim objects (normalized 0.3: margin -0.2) are missed at offset 0 and found below -0.2;
     the bias folded into the head reproduces the calibrated Dice through the serving path."""
+    from service.cli.train import calibrate_background, evaluate_pairs, find_pairs
     from service.segmenter import Segmenter
-    from service.training_cli import calibrate_background, evaluate_pairs, find_pairs
 
     ck = unet.load_checkpoint(_threshold_checkpoint(tmp_path / "thr.safetensors"))
     (tmp_path / "i").mkdir()

@@ -155,16 +155,11 @@ def test_normalize_is_applied_per_tile_batch() -> None:
     np.testing.assert_array_equal(out, np.ones((1, 20, 20), np.float32))
 
 
-class _InlineIdentity:
-    """The identity network, declaring that the host has no spare core for a reader thread."""
-
-    overlap_host_work = False
-
-    def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return identity(x)
+# the identity network, declaring that the host has no spare core for a reader thread
+_INLINE_IDENTITY = tiling.CallablePredictor(identity, depth=4, overlap_host_work=False)
 
 
-@pytest.mark.parametrize("model", [identity, _InlineIdentity()], ids=["threaded", "inline"])
+@pytest.mark.parametrize("model", [identity, _INLINE_IDENTITY], ids=["threaded", "inline"])
 def test_tiles_are_read_on_a_worker_thread_only_where_that_overlaps(model: object) -> None:
     readers: set[str] = set()
 
@@ -175,7 +170,7 @@ def test_tiles_are_read_on_a_worker_thread_only_where_that_overlaps(model: objec
     img = np.random.default_rng(3).integers(0, 4000, (900, 1000), dtype=np.uint16)
     out = tiling.segment(img, model, depth=4, output="probabilities", batch_size=2, normalize=normalize)
     np.testing.assert_array_equal(out[0], img.astype(np.float32))
-    inline = isinstance(model, _InlineIdentity)
+    inline = model is _INLINE_IDENTITY
     assert readers == ({threading.current_thread().name} if inline else {"tile-reader_0"})
 
 

@@ -1,5 +1,10 @@
 """``unet-tile synth``, ``train`` and ``evaluate``: make data, train a model, measure it.
 
+The training itself is :mod:`unet.training`; these commands live in the service because
+they evaluate through :class:`~service.segmenter.Segmenter` (the held-out Dice, the
+background calibration, ``evaluate``): what is measured is what serving computes, and
+:mod:`unet` cannot import the service.
+
 * ``synth -o DIR --n N``: synthetic fluorescence-nuclei images (:mod:`unet.synth`) as
   ``DIR/images/synth_0000.tif`` with instance masks ``DIR/masks/synth_0000.tif``.
 * ``train --images DIR --masks DIR -o model.safetensors``: trains on image/mask TIFF
@@ -19,7 +24,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -34,14 +38,16 @@ import torch
 
 from tiling import resolve_device
 from unet import Checkpoint, Normalization, UNet, UNetConfig, geometry, save_checkpoint
+from unet.atomic import atomic_path
 from unet.synth import synth_image
 from unet.training import TrainConfig, prepare_data, train
 
-from .cli import add_model_options, load_segmenter, positive_int
-from .errors import InputError
-from .evaluate import Overlap, overlap
-from .io import read_image
-from .segmenter import Segmenter
+from ..errors import InputError
+from ..evaluate import Overlap, overlap
+from ..pipeline import Options, segment_image
+from ..segmenter import Segmenter
+from ..sources import read_image
+from .common import add_model_options, load_segmenter, positive_int
 
 __all__ = ["Pair", "calibrate_background", "evaluate_pairs", "find_pairs", "register"]
 
@@ -100,7 +106,7 @@ def evaluate_pairs(segmenter: Segmenter, pairs: Sequence[Pair], *, tile_size: in
     for pair in pairs:
         image = read_image(pair.image)
         _, masks = _planes(pair)
-        labels = segmenter.segment(image, output="labels", tile_size=tile_size)
+        labels = segment_image(segmenter, image, Options(tile_size=tile_size))
         total = Overlap(0, 0, 0)
         for pred, truth in zip(labels, masks, strict=True):
             total = total + overlap(np.isin(pred, fg), truth)
@@ -121,7 +127,7 @@ def calibrate_background(segmenter: Segmenter, pairs: Sequence[Pair]) -> tuple[f
         raise InputError(f"calibration needs classes 1..{k - 1} as foreground, got {segmenter.checkpoint.foreground}")
     counts = np.zeros((len(CALIBRATION_OFFSETS), 3), np.int64)  # tp, fp, fn per offset
     for pair in pairs:
-        probs = segmenter.segment(read_image(pair.image), output="probabilities")  # (planes, K, Y, X)
+        probs = segment_image(segmenter, read_image(pair.image), Options(output="probabilities"))  # (planes, K, Y, X)
         _, masks = _planes(pair)
         for p, truth in zip(probs, masks, strict=True):
             logp = np.log(np.clip(p, 1e-12, None))
@@ -150,17 +156,8 @@ def _summary(results: Sequence[tuple[str, Overlap]]) -> dict[str, float]:
 
 
 def _write_tiff_atomic(path: Path, data: npt.NDArray[Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        tifffile.imwrite(tmp, data, compression="zlib", metadata={"axes": "YX"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a data set is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as part:  # made with the umask's permissions: a data set is for sharing
+        tifffile.imwrite(part, data, compression="zlib", metadata={"axes": "YX"})
 
 
 def _synth_one(job: tuple[Path, int, int, tuple[int, int], str | None]) -> None:
@@ -402,6 +399,7 @@ def _pos_float(text: str) -> float:
 
 
 def register(sub: Any) -> None:
+    """Add ``synth``, ``train`` and ``evaluate`` to the subcommands ``sub``."""
     p = sub.add_parser("synth", help="write synthetic fluorescence-nuclei images and masks")
     p.add_argument("-o", "--output", type=Path, required=True, help="directory; gets images/ and masks/")
     p.add_argument("--n", type=positive_int, required=True, help="number of images")

@@ -1,0 +1,186 @@
+"""``unet-tile segment``: an image in (TIFF or OME-Zarr), its mask (or probabilities) out.
+
+The output kind follows its name: ``.zarr``/``.ome.zarr`` is an OME-Zarr store (the image
+and ``labels/<name>``), anything else a TIFF (``--pyramid``: a pyramidal OME-TIFF);
+``--into-input`` adds the labels to the input OME-Zarr's own store instead. Every output is
+written atomically. The route (decoded or windowed reads, in-memory or streamed writes) is
+:func:`service.pipeline.choose_route`'s, from one parse of the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..errors import InputError, storage_error
+from ..io import ImageHeader
+from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Route, decoded_bytes, segment_file
+from ..sources import NGFF_VERSIONS
+from .common import add_model_options, load_segmenter, positive_int
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+
+
+def _series_index(text: str) -> int:
+    """An argparse type: an image series index >= 0.
+
+    >>> _series_index("0")
+    0
+    >>> _series_index("-1")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected a series index >= 0, got -1
+    """
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a series index >= 0, got {text}")
+    return value
+
+
+def _label_name(text: str) -> str:
+    """An argparse type: a labels group name (one path segment).
+
+    >>> _label_name("nuclei")
+    'nuclei'
+    >>> _label_name("../x")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected a name of letters, digits, '.', '_' or '-', got '../x'
+    """
+    if not text or text in (".", "..") or not all(c.isalnum() or c in "._-" for c in text):
+        raise argparse.ArgumentTypeError(f"expected a name of letters, digits, '.', '_' or '-', got {text!r}")
+    return text
+
+
+def _segment(args: argparse.Namespace) -> int:
+    if args.into_input == (args.output is not None):
+        raise InputError("give -o OUT (a TIFF or an .ome.zarr), or --into-input to add the labels to the input store")
+    if args.pyramid and args.output_kind != "labels":
+        raise InputError("--pyramid applies to labels output, not probabilities")
+    segmenter = load_segmenter(args)
+    options = Options(
+        output=args.output_kind,
+        tile_size=args.tile_size,
+        stride=args.stride,
+        pyramid=args.pyramid,
+        series=args.series,
+        ngff=args.ngff,
+        label_name=args.label_name,
+    )
+    t0 = time.perf_counter()
+    bar = tqdm(unit="tile", desc="segment", disable=args.quiet, file=sys.stderr)
+    pixels = 0
+
+    def opened(header: ImageHeader, route: Route, tiles: int) -> None:
+        nonlocal pixels
+        if header.series_count > 1:  # a silent choice among several images is a wrong mask waiting to happen
+            print(
+                f"unet-tile: warning: input holds {header.series_count} series; segmented series {header.series}"
+                " (--series N for another)",
+                file=sys.stderr,
+            )
+        pixels = header.pixels // header.channels
+        bar.reset(total=tiles)
+        log.info("%s for %s (%.0f MB decoded)", route, args.input, decoded_bytes(header) / 1e6)
+
+    def advance(n: int) -> None:
+        bar.update(n)
+        mpx = pixels * (bar.n / max(bar.total or 1, 1)) / 1e6
+        bar.set_postfix_str(f"{mpx / max(time.perf_counter() - t0, 1e-9):.2f} Mpx/s", refresh=False)
+
+    target = args.output or args.input
+    try:
+        with bar:
+            segment_file(
+                segmenter,
+                args.input,
+                args.output,
+                options,
+                stream_above_mb=args.stream_above,
+                into_input=args.into_input,
+                progress=advance,
+                on_open=opened,
+            )
+    except OSError as e:  # reads are checked (CorruptImageError): an OSError here is the output's
+        raise storage_error(e, f"writing {target}") from None
+    log.info("wrote %s in %.2f s", target, time.perf_counter() - t0)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``segment`` to the subcommands ``sub``."""
+    p = sub.add_parser(
+        "segment",
+        help="segment a TIFF or OME-Zarr image into a mask",
+        description="Segment a TIFF or OME-Zarr image; the output kind follows the -o name.",
+    )
+    p.add_argument("input", type=Path, help="input TIFF/BigTIFF (2-D, multi-channel or a stack) or OME-Zarr image")
+    p.add_argument(
+        "-o",
+        dest="output",
+        metavar="OUT",
+        type=Path,
+        default=None,
+        help="output: OUT.tif (TIFF), OUT.ome.tif with --pyramid, or OUT.ome.zarr (OME-Zarr: the image and"
+        " labels/NAME); written atomically",
+    )
+    p.add_argument(
+        "--output",
+        dest="output_kind",
+        default="labels",
+        choices=["labels", "probabilities"],
+        help="what to write: uint8 class ids (default) or float32 per-class probabilities",
+    )
+    p.add_argument("--tile-size", type=positive_int, default=388, help="output tile size: 388 (default), 644, 900, ...")
+    p.add_argument(
+        "--stride",
+        type=positive_int,
+        default=None,
+        help="tile step; default is seam-free (a multiple of 16); 388 = paper layout",
+    )
+    add_model_options(p)
+    p.add_argument(
+        "--stream-above",
+        type=float,
+        default=DEFAULT_STREAM_ABOVE_MB,
+        metavar="MB",
+        help=f"stream images whose decoded size exceeds MB (windowed reads, tiled BigTIFF output; default: {DEFAULT_STREAM_ABOVE_MB}, 0 = always)",
+    )
+    p.add_argument(
+        "--pyramid", action="store_true", help="write a pyramidal OME-TIFF (labels; implies the streamed path)"
+    )
+    p.add_argument(
+        "--series",
+        type=_series_index,
+        default=0,
+        metavar="N",
+        help="which image series of the file to segment (default 0; a warning says when there are several)",
+    )
+    p.add_argument(
+        "--ngff",
+        default="0.4",
+        choices=list(NGFF_VERSIONS),
+        help="NGFF version of a new OME-Zarr output: 0.4 (Zarr v2, default: what most viewers open) or 0.5 (Zarr v3)",
+    )
+    p.add_argument(
+        "--into-input",
+        action="store_true",
+        help="add the labels to the input OME-Zarr store (labels/NAME) instead of writing -o",
+    )
+    p.add_argument(
+        "--label-name",
+        default="unet",
+        metavar="NAME",
+        type=_label_name,
+        help="name of the labels group in an OME-Zarr output (default: unet)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_segment)

@@ -1,0 +1,116 @@
+"""Atomic writes: a file or directory appears complete under its name, or not at all.
+
+:func:`atomic_path` hands out a temporary path beside the target and renames it onto the
+target only when the writer finishes without an error; a writer that fails (or is
+interrupted) leaves the target as it was and no temporary file behind. A process killed
+mid-write cannot clean up: its leftovers are named ``.{name}.<random>.part``, so whoever
+owns the directory can delete them at its next start.
+
+It lives in :mod:`unet`, the lowest of the three packages, because all of them write
+atomically: checkpoints and training state here, and above, the service's results, job
+records and the training command's data sets (imports point one way, service -> tiling
+-> unet).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path"]
+
+_ATTEMPTS = 100  # fresh names tried before giving up (a clash needs the same 48 random bits)
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on a clean exit, rename it onto ``target``.
+
+    The path is ``.{name}.<random>.part`` in the target's directory: a file created empty
+    (or, with ``directory=True``, an empty directory), with the permissions ``open()`` (or
+    ``mkdir``) would give it under the process's umask. On a clean exit a file replaces
+    the target with :func:`os.replace`; a directory takes the place of an existing target
+    by renaming the old one aside, the new one in, then deleting the old one (a target
+    that never existed is not created half-way). On any exception, ``KeyboardInterrupt``
+    included, the temporary file or tree is deleted and the exception re-raised.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> out = Path(tmp.name) / "mask.txt"
+    >>> with atomic_path(out) as part:
+    ...     _ = part.write_text("done")
+    ...     part.name.startswith(".mask.txt.") and part.name.endswith(".part"), out.exists()
+    (True, False)
+    >>> out.read_text()
+    'done'
+    >>> with atomic_path(out) as part:
+    ...     _ = part.write_text("half")
+    ...     raise OSError("disk full")
+    Traceback (most recent call last):
+    ...
+    OSError: disk full
+    >>> out.read_text(), sorted(p.name for p in Path(tmp.name).iterdir())
+    ('done', ['mask.txt'])
+    >>> with atomic_path(Path(tmp.name) / "store.zarr", directory=True) as part:
+    ...     _ = (part / "zarr.json").write_text("{}")
+    >>> sorted(p.name for p in (Path(tmp.name) / "store.zarr").iterdir())
+    ['zarr.json']
+    >>> tmp.cleanup()
+    """
+    target = Path(target)
+    part = _create(target, directory)
+    try:
+        yield part
+        if directory:
+            _rename_directory(part, target)
+        else:
+            os.replace(part, target)
+    except BaseException:
+        _remove(part)
+        raise
+
+
+def _fresh_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+
+
+def _create(target: Path, directory: bool) -> Path:
+    """A new empty file or directory beside ``target``, made exclusively (never an existing one)."""
+    for _ in range(_ATTEMPTS):
+        part = _fresh_name(target)
+        try:
+            if directory:
+                part.mkdir(0o777)
+            else:
+                os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return part
+    raise FileExistsError(f"no free temporary name beside {target} after {_ATTEMPTS} tries")
+
+
+def _rename_directory(part: Path, target: Path) -> None:
+    """Put directory ``part`` in ``target``'s place; an existing target goes aside first, then is deleted."""
+    if not os.path.lexists(target):
+        os.rename(part, target)
+        return
+    aside = _fresh_name(target)  # a .part name too: if the process dies here, it is a leftover like any other
+    os.rename(target, aside)
+    try:
+        os.rename(part, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a tree; what is already gone is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
