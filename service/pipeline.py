@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_STREAM_ABOVE_MB",
     "Options",
     "Progress",
+    "Report",
     "Route",
     "choose_route",
     "count_tiles",

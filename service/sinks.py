@@ -52,6 +52,7 @@ __all__ = [
     "Sink",
     "TiledTiffSink",
     "nearest_rows",
+    "physical_metadata",
     "pyramid_factors",
 ]
 

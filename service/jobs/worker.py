@@ -1,0 +1,290 @@
+"""The worker threads that run queued jobs through the pipeline, and the app's entry point
+that starts them (:func:`start_jobs`)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError
+from pathlib import Path
+from typing import Any
+
+from ..errors import JobError, JobNotFoundError, is_storage_full, storage_error
+from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Route, segment_file
+from ..segmenter import Segmenter
+from ..settings import Settings
+from .records import JobRecord, State
+from .store import JobStore, _remove, _zip_store
+
+__all__ = ["JobWorker", "jobs_dir", "start_jobs"]
+
+log = logging.getLogger("service.jobs")  # the package's logger: service.connections rate-limits its lines
+
+_SAVE_EVERY_S = 0.5  # progress is written to disk at most this often
+
+
+class _StopRun(Exception):  # noqa: N818  (control flow, not an error)
+    """Raised from the progress callback to abort a run (cancel or shutdown)."""
+
+
+class _OutOfTime(Exception):  # noqa: N818  (control flow: the job ends failed)
+    """Raised from the progress callback when a run is past the worker's ``timeout_s``."""
+
+
+class JobWorker:
+    """Runs queued jobs on ``workers`` threads with one shared :class:`Segmenter`.
+
+    Each job runs through :func:`service.pipeline.segment_file` on the route decided at its
+    admission (``stream_above_mb``: decoded size above which it streams). Cancellation,
+    shutdown and ``timeout_s`` (seconds since this attempt started; the job then fails) raise
+    from the engine's progress callback, so a run stops at its next batch.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        segmenter: Segmenter,
+        *,
+        workers: int = 1,
+        stream_above_mb: float = DEFAULT_STREAM_ABOVE_MB,
+        max_pixels: int | None = None,
+        housekeeping_s: float = 30.0,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.store = store
+        self.timeout_s = timeout_s or None  # a run past it fails at its next batch; None or 0: no limit
+        self.segmenter = segmenter
+        self.workers = workers
+        self.stream_above_mb = stream_above_mb
+        self.max_pixels = max_pixels
+        self.housekeeping_s = housekeeping_s
+        self._wake = threading.Condition()
+        self._stopping = threading.Event()
+        self._cancel: set[str] = set()
+        self._claim_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._lock_file: Any = None
+
+    # lifecycle
+    def start(self) -> None:
+        """Take the jobs directory (one worker process per directory), re-queue, start threads."""
+        self._lock_file = open(self.store.root / ".lock", "a")  # noqa: SIM115  (held until stop())
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise JobError(f"jobs directory {self.store.root} is in use by another server process") from None
+        requeued = self.store.recover()
+        if requeued:
+            log.info("re-queued %d job(s) interrupted by the last shutdown", len(requeued))
+        self.store.expire()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._loop, name=f"job-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs; a running job stops at its next batch and is queued again."""
+        self._stopping.set()
+        self.notify()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the directory
+            self._lock_file = None
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    # requests
+    def submit(self, record: JobRecord) -> None:
+        record.state = "queued"
+        self.store.save(record)
+        self.notify()
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued or running job; a finished one is returned unchanged."""
+        with self._claim_lock:
+            record = self.store.load(job_id)
+            if record.state == "queued":
+
+                def cancelled(r: JobRecord) -> None:
+                    r.state, r.finished, r.cancel_requested = "cancelled", time.time(), True
+
+                record = self.store.update(job_id, cancelled)
+                self.store.input_path(job_id).unlink(missing_ok=True)
+            elif record.state == "running":
+                self._cancel.add(job_id)
+                record = self.store.update(job_id, lambda r: setattr(r, "cancel_requested", True))
+        return record
+
+    # the loop
+    def _claim(self) -> JobRecord | None:
+        with self._claim_lock:
+            queued = sorted((r for r in self.store.records() if r.state == "queued"), key=lambda r: r.created)
+            if not queued:
+                return None
+
+            def running(r: JobRecord) -> None:
+                r.state, r.started, r.tiles_done, r.attempts = "running", time.time(), 0, r.attempts + 1
+
+            return self.store.update(queued[0].id, running)
+
+    def _loop(self) -> None:
+        last_housekeeping = 0.0
+        while not self._stopping.is_set():
+            if time.monotonic() - last_housekeeping > self.housekeeping_s:
+                last_housekeeping = time.monotonic()
+                try:
+                    self.store.expire()
+                except OSError as e:
+                    log.warning("job housekeeping failed: %s", e)
+            record = None
+            try:
+                record = self._claim()
+            except OSError as e:  # e.g. a full disk refusing the claim's record: the job stays queued
+                log.warning("cannot claim a job: %s", e)
+            except Exception:
+                log.exception("cannot read the job queue")
+            if record is None:
+                with self._wake:
+                    self._wake.wait(timeout=min(1.0, self.housekeeping_s))
+                continue
+            try:
+                self._run(record)
+            except Exception:  # its end could not be recorded (disk full?): recover() settles it at the next start
+                log.exception("job %s: cannot record how it ended", record.id)
+
+    def _run(self, record: JobRecord) -> None:
+        job_id, store = record.id, self.store
+        done, last_save = 0, time.monotonic()
+        deadline = None if self.timeout_s is None else last_save + self.timeout_s  # this attempt's
+        log.info("job %s started (%d tiles)", job_id, record.tiles_total)
+
+        def progress(n: int) -> None:
+            nonlocal done, last_save
+            done += n
+            if job_id in self._cancel or self._stopping.is_set():
+                raise _StopRun
+            if deadline is not None and time.monotonic() > deadline:
+                raise _OutOfTime
+            if time.monotonic() - last_save >= _SAVE_EVERY_S:
+                last_save = time.monotonic()
+                store.update(job_id, lambda r: setattr(r, "tiles_done", done))
+
+        try:
+            self._segment(record, progress)
+        except _StopRun:
+            if self._stopping.is_set() and job_id not in self._cancel:
+
+                def requeue(r: JobRecord) -> None:
+                    r.state, r.tiles_done, r.started = "queued", 0, None
+
+                store.update(job_id, requeue)
+                log.info("job %s interrupted by shutdown; queued again", job_id)
+                return
+            self._finish(job_id, "cancelled", tiles_done=done)
+            log.info("job %s cancelled after %d/%d tiles", job_id, done, record.tiles_total)
+        except _OutOfTime:
+            error = f"the job did not finish within {self.timeout_s:g} s (UNET_JOBS_TIMEOUT_S)"
+            self._finish(job_id, "failed", error=error, tiles_done=done)
+            log.info("job %s failed after %d/%d tiles: %s", job_id, done, record.tiles_total, error)
+        except (ValueError, LookupError) as e:  # InputError, UNetError, TilingError: the input's fault
+            self._finish(job_id, "failed", error=str(e), tiles_done=done)
+            log.info("job %s failed: %s", job_id, e)
+        except Exception as e:
+            if is_storage_full(e):  # the writers removed their partial files; the upload goes in _finish
+                error = (
+                    f"{storage_error(e, 'writing the result')}; delete finished jobs or free space, then submit again"
+                )
+                log.warning("job %s failed: %s", job_id, error)
+                self._finish(job_id, "failed", error=error, tiles_done=done)
+            else:
+                log.exception("job %s failed unexpectedly", job_id)
+                self._finish(job_id, "failed", error="internal error while segmenting", tiles_done=done)
+        else:
+            size = store.result_path(job_id, record.options.format).stat().st_size
+            self._finish(job_id, "done", tiles_done=done, result_bytes=size)
+            log.info("job %s done", job_id)
+        finally:
+            self._cancel.discard(job_id)
+
+    def _finish(
+        self, job_id: str, state: State, *, tiles_done: int, error: str | None = None, result_bytes: int = 0
+    ) -> None:
+        def change(r: JobRecord) -> None:
+            r.state, r.finished, r.tiles_done, r.error, r.result_bytes = (
+                state,
+                time.time(),
+                tiles_done,
+                error,
+                result_bytes,
+            )
+
+        # the upload goes first, so a client that sees the final state never finds it still on disk
+        self.store.input_path(job_id).unlink(missing_ok=True)
+        if state != "done":  # the writers clean up after themselves; this makes sure of it
+            self.store.remove_partials(job_id)
+        with contextlib.suppress(JobNotFoundError):  # deleted meanwhile
+            self.store.update(job_id, change)
+
+    def _segment(self, record: JobRecord, progress: Callable[[int], None]) -> None:
+        try:
+            self._segment_to_result(record, progress)
+        except CancelledError:  # a forward pass dropped by the server's executor as it shut down
+            if self._stopping.is_set():
+                raise _StopRun from None  # queued again, like any run a shutdown interrupts
+            raise
+
+    def _segment_to_result(self, record: JobRecord, progress: Callable[[int], None]) -> None:
+        src, opts = self.store.input_path(record.id), record.options
+        route = Route.from_json(record.route) if record.route else None  # decided at admission
+        if opts.format == "ome-zarr":
+            store = self.store.dir(record.id) / self.store.STORE
+            segment_file(
+                self.segmenter, src, store, opts.pipeline, route=route, max_pixels=self.max_pixels, progress=progress
+            )
+            try:
+                _zip_store(store, self.store.result_path(record.id, opts.format))
+            finally:
+                _remove(store)
+            return
+        dst = self.store.result_path(record.id)
+        segment_file(
+            self.segmenter, src, dst, opts.pipeline, route=route, max_pixels=self.max_pixels, progress=progress
+        )
+
+
+def jobs_dir(settings: Settings) -> Path:
+    """``UNET_JOBS_DIR``, or ``<temp dir>/unet-tile-jobs``."""
+    return settings.jobs_dir or Path(tempfile.gettempdir()) / "unet-tile-jobs"
+
+
+def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker | None:
+    """The app's job worker, started (``None`` when ``UNET_JOBS_WORKERS=0``)."""
+    if settings.jobs_workers == 0:
+        return None
+    store = JobStore(jobs_dir(settings), ttl_s=settings.jobs_ttl_s, quota_bytes=int(settings.jobs_quota_mb * 2**20))
+    worker = JobWorker(
+        store,
+        segmenter,
+        workers=settings.jobs_workers,
+        stream_above_mb=settings.stream_above_mb,
+        max_pixels=settings.jobs_max_pixels,
+        housekeeping_s=min(30.0, max(settings.jobs_ttl_s / 4, 0.5)),
+        timeout_s=settings.jobs_timeout_s,
+    )
+    try:
+        worker.start()
+    except JobError as e:
+        log.error("/jobs disabled: %s", e)
+        return None
+    log.info("job worker started: %d thread(s), storage %s", settings.jobs_workers, store.root)
+    return worker
