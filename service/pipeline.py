@@ -36,7 +36,7 @@ import numpy.typing as npt
 import tiling
 from tiling import Tile, TilePlan, TileSink
 
-from .errors import InputError, UnsupportedImageError
+from .errors import InputError
 from .io import ImageData, ImageHeader
 from .segmenter import Segmenter
 from .sinks import MemorySink, PyramidTiffSink, Sink, TiledTiffSink
@@ -355,8 +355,6 @@ def segment_file(
         chosen = route or choose_route(
             header, options, stream_above_mb=stream_above_mb, zarr_in=zarr_in, zarr_out=zarr_out
         )
-        if options.pyramid and header.stack_axes:
-            raise UnsupportedImageError(f"a pyramid needs a single 2-D image; this one has axes {header.axes}")
         segmenter.check(header)
         tiles = count_tiles(segmenter, header, options)
         if on_open is not None:

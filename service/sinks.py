@@ -267,7 +267,10 @@ def _tiff_options(header: ImageHeader, width: int) -> dict[str, Any]:
 
 
 class _StreamedTiff:
-    """What the two streamed TIFF sinks share: a temporary file, a writer thread, bands in."""
+    """What the two streamed TIFF sinks share: a temporary file, a writer thread, bands in.
+
+    A subclass makes ``consume(bands)`` (the tifffile writer) and calls :meth:`start`.
+    """
 
     def __init__(self, target: Path) -> None:
         self._atomic = atomic_path(target)
@@ -280,6 +283,9 @@ class _StreamedTiff:
     def put(self, band: npt.NDArray[Any], y0: int) -> None:
         assert self._writer is not None
         self._writer.put(band)
+
+    def plane(self, index: int, plan: TilePlan) -> TileSink:
+        return BandSink(plan, np.uint8, self.put)
 
     def finish(self) -> None:
         assert self._writer is not None
@@ -299,7 +305,7 @@ class _StreamedTiff:
             self._atomic.__exit__(_Aborted, error, None)
 
 
-class TiledTiffSink:
+class TiledTiffSink(_StreamedTiff):
     """uint8 labels streamed into a tiled, compressed BigTIFF at ``target`` (atomically)."""
 
     def __init__(self, target: Path, header: ImageHeader) -> None:
@@ -309,8 +315,8 @@ class TiledTiffSink:
         options = _tiff_options(header, w)
         metadata = {"axes": header.stack_axes + "YX"}
         planes = math.prod(header.stack_shape)
-        self._file = _StreamedTiff(target)
-        tmp = self._file.tmp
+        super().__init__(target)
+        tmp = self.tmp
 
         def consume(bands: Iterator[npt.NDArray[Any]]) -> None:
             with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
@@ -328,16 +334,7 @@ class TiledTiffSink:
 
                 tif.write(tiles(), shape=shape, dtype=np.uint8, metadata=metadata, **options)
 
-        self._file.start(consume)
-
-    def plane(self, index: int, plan: TilePlan) -> TileSink:
-        return BandSink(plan, np.uint8, self._file.put)
-
-    def finish(self) -> None:
-        self._file.finish()
-
-    def abort(self) -> None:
-        self._file.abort()
+        self.start(consume)
 
 
 class _LevelFile:
@@ -387,7 +384,7 @@ def physical_metadata(header: ImageHeader) -> dict[str, Any]:
     return {"PhysicalSizeX": sx, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": sy, "PhysicalSizeYUnit": "µm"}
 
 
-class PyramidTiffSink:
+class PyramidTiffSink(_StreamedTiff):
     """uint8 labels of one 2-D image streamed into a pyramidal OME-TIFF at ``target``."""
 
     def __init__(self, target: Path, header: ImageHeader) -> None:
@@ -395,8 +392,8 @@ class PyramidTiffSink:
             raise UnsupportedImageError(f"a pyramid needs a single 2-D image; this one has axes {header.axes}")
         h, w = header.height, header.width
         options = _tiff_options(header, w)
-        self._file = _StreamedTiff(target)
-        tmp = self._file.tmp
+        super().__init__(target)
+        tmp = self.tmp
 
         def consume(bands: Iterator[npt.NDArray[Any]]) -> None:
             levels: list[_LevelFile] = []
@@ -441,13 +438,4 @@ class PyramidTiffSink:
                 for level in levels:
                     level.close()
 
-        self._file.start(consume)
-
-    def plane(self, index: int, plan: TilePlan) -> TileSink:
-        return BandSink(plan, np.uint8, self._file.put)
-
-    def finish(self) -> None:
-        self._file.finish()
-
-    def abort(self) -> None:
-        self._file.abort()
+        self.start(consume)
