@@ -13,7 +13,7 @@ PORT ?= 8000
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,ome-zarr]"
+	$(PY) -m pip install --quiet -e ".[dev,ome-zarr,dask]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -12,6 +12,9 @@
             ├── JobNotReadyError    no result (yet)                                 (HTTP 409)
             └── QuotaExceededError  the jobs directory is full                      (HTTP 507)
 
+    ConnectionError
+    └── ClusterError                the Dask scheduler cannot be reached, or has no usable worker
+
     OSError
     └── StorageError                output or temporary data could not be written
         └── StorageFullError        no space left on the device, or the disk quota  (HTTP 507)
@@ -30,6 +33,7 @@ import errno
 from typing import TypeGuard
 
 __all__ = [
+    "ClusterError",
     "CorruptImageError",
     "ImageTooLargeError",
     "InputError",
@@ -87,6 +91,11 @@ class JobNotReadyError(JobError):
 
 class QuotaExceededError(JobError):
     """Storing this upload would take the jobs directory over its quota."""
+
+
+class ClusterError(ConnectionError):
+    """The Dask scheduler named cannot be reached, or no worker can run the tasks; the
+    message names the scheduler."""
 
 
 class StorageError(OSError):

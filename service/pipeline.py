@@ -53,6 +53,8 @@ __all__ = [
     "decoded_bytes",
     "open_input",
     "open_sink",
+    "plan_of",
+    "run_plane",
     "segment",
     "segment_file",
     "segment_image",
@@ -255,6 +257,38 @@ class _PlaneTiles:
         return self.inner.finish()
 
 
+def run_plane(
+    segmenter: Segmenter,
+    plane: Any,
+    plan: TilePlan,
+    affine: Callable[[npt.NDArray[Any]], npt.NDArray[np.float32]],
+    sink: TileSink,
+    output: Output = "labels",
+    progress: Progress | None = None,
+) -> Any:
+    """Run ``plan``'s tiles of one (C, Y, X) ``plane`` into ``sink`` with the normalization
+    ``affine`` (fitted once for the whole plane) and the no-data rule; returns ``sink.finish()``.
+
+    The one place tiles meet the model: :func:`segment` runs a whole plane's plan through it,
+    a cluster task one block's plan (:func:`tiling.blocks.block_plan`), so both treat every
+    tile alike."""
+    nodata = _NoData(affine, plan, segmenter.background) if np.dtype(plane.dtype).kind == "f" else None
+    return tiling.run(
+        plane,
+        plan,
+        segmenter.predictor,
+        _PlaneTiles(sink, nodata, progress),
+        output=output,
+        batch_size=segmenter.batch_size,
+        normalize=nodata or affine,
+    )
+
+
+def plan_of(segmenter: Segmenter, header: ImageHeader, options: Options) -> TilePlan:
+    """The tile plan of every plane of an image (planes share their Y, X)."""
+    return _plan(segmenter, header, options)
+
+
 def _plan(segmenter: Segmenter, header: ImageHeader, options: Options) -> TilePlan:
     return tiling.plan_tiles(
         (header.height, header.width), depth=segmenter.depth, tile_size=options.tile_size, stride=options.stride
@@ -278,21 +312,10 @@ def segment(
     try:
         segmenter.check(header)
         plan = _plan(segmenter, header, options)
-        floating = header.dtype.kind == "f"
         for i in range(math.prod(header.stack_shape)):
             plane = source.plane(i)
             affine = segmenter.checkpoint.normalization.fit(plane)  # once per plane, from a bounded sample
-            nodata = _NoData(affine, plan, segmenter.background) if floating else None
-            tiles = _PlaneTiles(sink.plane(i, plan), nodata, progress)
-            tiling.run(
-                plane,
-                plan,
-                segmenter.predictor,
-                tiles,
-                output=options.output,
-                batch_size=segmenter.batch_size,
-                normalize=nodata or affine,
-            )
+            run_plane(segmenter, plane, plan, affine, sink.plane(i, plan), options.output, progress)
         sink.finish()
     except BaseException:
         sink.abort()

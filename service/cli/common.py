@@ -12,13 +12,13 @@ from pathlib import Path
 from tiling import TilingError
 from unet import UNetError, load_checkpoint
 
-from ..errors import InputError, StorageError
+from ..errors import ClusterError, InputError, StorageError
 from ..paths import default_checkpoint
 from ..segmenter import Segmenter
 
 __all__ = ["USER_ERRORS", "add_model_options", "load_segmenter", "positive_int"]
 
-USER_ERRORS: tuple[type[Exception], ...] = (InputError, UNetError, TilingError, StorageError)
+USER_ERRORS: tuple[type[Exception], ...] = (InputError, UNetError, TilingError, StorageError, ClusterError)
 
 
 def positive_int(text: str) -> int:

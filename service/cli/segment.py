@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..errors import InputError, storage_error
+from ..errors import ClusterError, InputError, storage_error
 from ..io import ImageHeader
+from ..paths import default_checkpoint
 from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Route, decoded_bytes, segment_file
 from ..sources import NGFF_VERSIONS
 from .common import add_model_options, load_segmenter, positive_int
@@ -65,7 +67,10 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError("give -o OUT (a TIFF or an .ome.zarr), or --into-input to add the labels to the input store")
     if args.pyramid and args.output_kind != "labels":
         raise InputError("--pyramid applies to labels output, not probabilities")
-    segmenter = load_segmenter(args)
+    if args.scheduler and args.workers:
+        raise InputError("give --scheduler ADDRESS (an existing cluster) or --workers N (a local one), not both")
+    if args.block is not None and not (args.scheduler or args.workers or os.environ.get("DASK_SCHEDULER_ADDRESS")):
+        raise InputError("--block applies to cluster runs (--scheduler or --workers)")
     options = Options(
         output=args.output_kind,
         tile_size=args.tile_size,
@@ -97,22 +102,57 @@ def _segment(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{mpx / max(time.perf_counter() - t0, 1e-9):.2f} Mpx/s", refresh=False)
 
     target = args.output or args.input
+    scheduler = args.scheduler or (None if args.workers else os.environ.get("DASK_SCHEDULER_ADDRESS") or None)
     try:
         with bar:
-            segment_file(
-                segmenter,
-                args.input,
-                args.output,
-                options,
-                stream_above_mb=args.stream_above,
-                into_input=args.into_input,
-                progress=advance,
-                on_open=opened,
-            )
+            if scheduler or args.workers:
+                _on_cluster(args, scheduler, options, advance, opened)
+            else:
+                segment_file(
+                    load_segmenter(args),
+                    args.input,
+                    args.output,
+                    options,
+                    stream_above_mb=args.stream_above,
+                    into_input=args.into_input,
+                    progress=advance,
+                    on_open=opened,
+                )
+    except ClusterError:
+        raise
     except OSError as e:  # reads are checked (CorruptImageError): an OSError here is the output's
         raise storage_error(e, f"writing {target}") from None
     log.info("wrote %s in %.2f s", target, time.perf_counter() - t0)
     return 0
+
+
+def _on_cluster(
+    args: argparse.Namespace,
+    scheduler: str | None,
+    options: Options,
+    advance: Any,
+    opened: Any,
+) -> None:
+    try:
+        from ..cluster import connect, segment_on_cluster  # noqa: PLC0415  (the optional dask extra)
+    except ImportError as e:
+        raise InputError(f"cluster runs need the dask extra (pip install 'unet-tile[dask]'): {e}") from None
+    if not args.verbose:
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
+    segment_on_cluster(
+        lambda: connect(scheduler, args.workers),
+        args.checkpoint or default_checkpoint(),
+        args.input,
+        args.output,
+        options,
+        into_input=args.into_input,
+        block=args.block,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        progress=advance,
+        on_open=opened,
+    )
 
 
 def register(sub: Any) -> None:
@@ -181,6 +221,28 @@ def register(sub: Any) -> None:
         metavar="NAME",
         type=_label_name,
         help="name of the labels group in an OME-Zarr output (default: unet)",
+    )
+    cluster = p.add_argument_group("on a Dask cluster (the dask extra)")
+    cluster.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        default=None,
+        help="run the blocks on the Dask scheduler at ADDRESS (tcp://host:8786; default: $DASK_SCHEDULER_ADDRESS);"
+        " input, checkpoint and an OME-Zarr output must be at paths every worker can read",
+    )
+    cluster.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run the blocks on a local Dask cluster of N worker processes (one thread each)",
+    )
+    cluster.add_argument(
+        "--block",
+        type=positive_int,
+        default=None,
+        metavar="PX",
+        help="block side in output pixels: a multiple of the tile stride (and of 256 for OME-Zarr); default 3072",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_segment)

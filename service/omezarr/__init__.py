@@ -11,6 +11,8 @@
 :func:`service.sources.is_ome_zarr` tells whether a path names a zarr store (a directory holding
 a zarr group). Private to the package: :mod:`._metadata`, the NGFF constants and metadata helpers
 both use; :mod:`._pyramid`, the sink's level layout and the writers that feed every level.
+:mod:`.blocks`: :class:`BlockWriter`, with which cluster tasks write their own blocks into a
+sink's store (:meth:`OmeZarrSink.block_writer`, :meth:`OmeZarrSink.finish_blocks`).
 
 Metadata is read with ome-zarr-py's location and validators (:func:`ome_zarr.io.parse_url`,
 :class:`ome_zarr.axes.Axes`, ``Format.validate_coordinate_transformations``) and written with
@@ -22,7 +24,8 @@ memory stays O(chunk rows x width) per pyramid level and no chunk is read back.
 
 from __future__ import annotations
 
+from .blocks import BlockWriter
 from .sink import OmeZarrSink
 from .source import OmeZarrSource
 
-__all__ = ["OmeZarrSink", "OmeZarrSource"]
+__all__ = ["BlockWriter", "OmeZarrSink", "OmeZarrSource"]

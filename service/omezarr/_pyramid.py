@@ -14,13 +14,21 @@ import numpy.typing as npt
 from ome_zarr.format import Format
 
 from ..errors import storage_error
+from ..io import ImageHeader
 from ..sinks import RowBlocks, nearest_rows, pyramid_factors
 from ._metadata import _FORMATS
 
 if TYPE_CHECKING:
     from .sink import OmeZarrSink
 
-__all__ = ["_Layout", "_PlaneWriter", "_factors_of"]  # private to the package: what sink.py uses
+__all__ = [
+    "_Layout",
+    "_LevelWriter",
+    "_MeanRows",
+    "_PlaneWriter",
+    "_factors_of",
+    "plane_leads",
+]  # private to the package: what sink.py uses
 
 _MEAN_SLAB_PX = 1 << 20  # pixels averaged at once in the image pyramid (float64 scratch: 8 MB)
 
@@ -151,6 +159,21 @@ class _MeanRows:
             self.emit(mean.astype(self.dtype))
 
 
+def plane_leads(layout: _Layout, header: ImageHeader, index: int) -> tuple[tuple[Any, ...], tuple[Any, ...], bool]:
+    """Plane ``index``'s position on the labels' and on the image's leading axes (every axis
+    but y, x; the image's channel axis whole), and whether the image has a channel axis."""
+    stack = tuple(int(i) for i in np.unravel_index(index, header.stack_shape)) if header.stack_shape else ()
+    position = dict(zip(header.stack_indices, stack, strict=True))  # header axis -> this plane's index on it
+    label_lead = tuple(position[i] for _, letter, i in layout.axes(labels=True) if letter not in "YX")
+    image_lead = tuple(
+        slice(None) if letter in "CS" else position[i]
+        for _, letter, i in layout.axes(labels=False)
+        if letter not in "YX"
+    )
+    channels = any(letter in "CS" for _, letter, _ in layout.axes(labels=False))
+    return label_lead, image_lead, channels
+
+
 class _PlaneWriter:
     """The bands of one plane's mask (and, for a new store, the image's rows) into every level."""
 
@@ -158,23 +181,17 @@ class _PlaneWriter:
         self.sink, self.index = sink, index
         layout, header = sink.layout, sink.header
         self.height = header.height
-        stack = tuple(int(i) for i in np.unravel_index(index, header.stack_shape)) if header.stack_shape else ()
-        position = dict(zip(header.stack_indices, stack, strict=True))  # header axis -> this plane's index on it
-        lead: tuple[Any, ...] = tuple(position[i] for _, letter, i in layout.axes(labels=True) if letter not in "YX")
-        self.labels = [_LevelWriter(a, lead, shape) for a, shape in zip(sink.label_arrays, layout.shapes, strict=True)]
+        label_lead, image_lead, channels = plane_leads(layout, header, index)
+        self.labels = [
+            _LevelWriter(a, label_lead, shape) for a, shape in zip(sink.label_arrays, layout.shapes, strict=True)
+        ]
         self.image: list[_LevelWriter] = []
         self.means: list[_MeanRows] = []
         self.source: Any = None
         if sink.image is not None:
             self.source = sink.image.plane(index)
-            channels = any(letter in "CS" for _, letter, _ in layout.axes(labels=False))
-            lead = tuple(
-                slice(None) if letter in "CS" else position[i]
-                for _, letter, i in layout.axes(labels=False)
-                if letter not in "YX"
-            )
             self.image = [
-                _LevelWriter(a, lead, shape, channels)
+                _LevelWriter(a, image_lead, shape, channels)
                 for a, shape in zip(sink.image_arrays, layout.shapes, strict=True)
             ]
             for k in range(1, len(self.image)):

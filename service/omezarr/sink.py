@@ -24,6 +24,7 @@ from ..io import ImageHeader
 from ..sources import NGFF_VERSIONS, Source, plane_count
 from ._metadata import _LABEL_NAME, _PALETTE, _RANK, _json, _labels_list
 from ._pyramid import _factors_of, _Layout, _PlaneWriter
+from .blocks import BlockWriter, block_levels, finish_levels
 from .source import OmeZarrSource
 
 with warnings.catch_warnings():  # ome_zarr.writer makes a deprecated Scaler() default argument at import
@@ -286,6 +287,23 @@ class OmeZarrSink:
         if tuple(plan.image_shape) != (self.header.height, self.header.width):
             raise ValueError(f"plan of {plan.image_shape} for an image of {(self.header.height, self.header.width)}")
         return BandSink(plan, np.uint8, _PlaneWriter(self, index).on_band)
+
+    def block_writer(self, block: tuple[int, int], grid: tuple[int, int]) -> BlockWriter:
+        """What tasks write blocks of ``block`` = (rows, cols) pixels on a ``grid`` of blocks
+        with (see :mod:`.blocks`); once every block is in, :meth:`finish_blocks`."""
+        if self._closed:
+            raise RuntimeError("the OME-Zarr output was already finished or aborted")
+        levels = block_levels(self, block, grid)
+        return BlockWriter(self.header, self.layout, list(self.label_arrays), list(self.image_arrays), levels)
+
+    def finish_blocks(self, writer: BlockWriter) -> None:
+        """Every block was written with ``writer``: build the coarser levels, then :meth:`finish`."""
+        try:
+            finish_levels(self, writer.levels)
+        except BaseException:
+            self.abort()
+            raise
+        self.finish()
 
     def finish(self) -> None:
         try:
