@@ -17,7 +17,7 @@ COPY unet ./unet
 COPY tiling ./tiling
 COPY service ./service
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-constraint.txt \
-    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[ome-zarr]" \
+    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[ome-zarr,dask]" \
     && rm /tmp/torch-constraint.txt \
     && python -c "import torch, service.app; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
     && groupadd --gid 10001 unet \

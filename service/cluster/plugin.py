@@ -31,7 +31,7 @@ __all__ = ["ModelPlugin", "WorkerState", "plugin_name", "worker_state"]
 
 log = logging.getLogger(__name__)
 
-_OPEN_INPUTS = 2  # inputs a worker keeps open between tasks (a run's tasks share one)
+_OPEN_INPUTS = 4  # inputs a worker keeps open between tasks (a run's tasks on one thread share one)
 
 
 def plugin_name(sha256: str, device: str = "auto", precision: str = "fp32", batch_size: int | None = None) -> str:
@@ -49,17 +49,18 @@ class WorkerState:
 
     def __init__(self, segmenter: Segmenter) -> None:
         self.segmenter = segmenter
-        self._inputs: OrderedDict[tuple[str, int, int, int], Source] = OrderedDict()
+        self._inputs: OrderedDict[tuple[str, int, int, int, int], Source] = OrderedDict()
         self._lock = threading.Lock()
 
     def source(self, path: str, series: int) -> Source:
-        """The input at ``path`` (parsed once per worker while its size and mtime stay the same)."""
+        """The input at ``path``, parsed once per worker thread (readers are not shared between
+        threads) while its size and mtime stay the same."""
         p = Path(path)
         try:
             st = p.stat()
         except OSError as e:
             raise InputError(f"cannot open the input {path}: {e.strerror or e}") from None
-        key = (str(p), series, st.st_mtime_ns, st.st_size)
+        key = (str(p), series, st.st_mtime_ns, st.st_size, threading.get_ident())  # a file handle per task thread
         with self._lock:
             if key in self._inputs:
                 self._inputs.move_to_end(key)
