@@ -105,6 +105,8 @@ class PlaneView:
             key[c] = channels
         try:
             data = np.asarray(self.array[tuple(key)])
+        except FileNotFoundError as e:  # not the data's fault: the file (or a zarr chunk's) went away
+            raise InputError(f"the input was moved or deleted while it was read: {e}") from None
         except Exception as e:
             raise CorruptImageError(f"corrupt image data: {e}") from None
         kept = sorted(i for i in (c, y, x) if i is not None)  # integer-indexed stack axes are gone

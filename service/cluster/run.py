@@ -15,7 +15,7 @@ from typing import Any
 from distributed import Client, Future, LocalCluster, as_completed
 from distributed.scheduler import KilledWorker
 
-from tiling import TileSink
+from tiling import TilePlan, TileSink
 from tiling.blocks import BlockGrid, block_plan, block_size, plan_blocks
 from unet import file_sha256, load_checkpoint
 
@@ -59,25 +59,28 @@ def connect(scheduler: str | None = None, workers: int | None = None, *, timeout
         yield client
 
 
-def block_for(stride: tuple[int, int], zarr_out: bool, block: int | None = None) -> int:
-    """The block side: ``block`` (checked: a multiple of the stride, and of the OME-Zarr chunk
-    when writing one), else the default.
+def block_for(plan: TilePlan, zarr_out: bool, block: int | None = None) -> int:
+    """The block side for ``plan``: ``block`` (checked: a multiple of the stride of every axis
+    with more than one tile, and of the OME-Zarr chunk when writing one), else the default.
 
-    >>> block_for((384, 384), True), block_for((384, 384), False, 768)
+    >>> from tiling import plan_tiles
+    >>> block_for(plan_tiles((5000, 5000)), True), block_for(plan_tiles((5000, 300)), False, 768)
     (3072, 768)
-    >>> block_for((384, 384), True, 1000)
+    >>> block_for(plan_tiles((5000, 5000)), True, 1000)
     Traceback (most recent call last):
     ...
     service.errors.InputError: a block side must be a multiple of 768 (the tile stride 384 and the OME-Zarr chunk 256), got 1000: try 768 or 1536
     """
-    unit = math.lcm(*stride, *((_ZARR_CHUNK,) if zarr_out else ()))
+    strides = sorted({s for s, n in zip(plan.stride, plan.grid, strict=True) if n > 1})
+    unit = math.lcm(*strides, *((_ZARR_CHUNK,) if zarr_out else ()))
     if block is None:
         return block_size(unit, at_least=DEFAULT_BLOCK_PX)
     if block < 1 or block % unit:
         lower = max(unit, block // unit * unit)
-        why = f"the tile stride {max(stride)}" + (f" and the OME-Zarr chunk {_ZARR_CHUNK}" if zarr_out else "")
+        parts = [f"the tile stride {' and '.join(map(str, strides))}"] if strides else []
+        parts += [f"the OME-Zarr chunk {_ZARR_CHUNK}"] if zarr_out else []
         raise InputError(
-            f"a block side must be a multiple of {unit} ({why}), got {block}: try {lower} or {lower + unit}"
+            f"a block side must be a multiple of {unit} ({' and '.join(parts)}), got {block}: try {lower} or {lower + unit}"
         )
     return block
 
@@ -108,6 +111,8 @@ def _register(client: Client, plugin: ModelPlugin) -> None:
     try:
         client.register_plugin(plugin, name=plugin.name)
     except Exception as e:  # a worker's setup failed: its error, raised here
+        with contextlib.suppress(Exception):  # else every worker that joins later would fail the same setup
+            client.unregister_worker_plugin(plugin.name)
         raise ClusterError(f"a worker of {_where(client)} cannot load the model: {e}") from None
 
 
@@ -219,7 +224,7 @@ def segment_on_cluster(
         route = choose_route(header, options, stream_above_mb=0, zarr_in=zarr_in, zarr_out=zarr_out)
         local.check(header)
         plan = plan_of(local, header, options)
-        side = block_for(plan.stride, zarr_out, block)
+        side = block_for(plan, zarr_out, block)
         grid = plan_blocks(plan, side)
         plans = [block_plan(plan, b) for b in grid.tiles]
         planes = math.prod(header.stack_shape)
