@@ -141,6 +141,12 @@ class Settings(BaseSettings):
         description="a job still running this long after it started stops at its next batch and ends `failed`;"
         " 0: no limit",
     )
+    dask_scheduler: str | None = Field(
+        default=None,
+        description="Dask scheduler address (`tcp://host:8786`): `/jobs` run their blocks there, every labels job"
+        " on the streamed path (the jobs dir, the checkpoint and the inputs must be on storage every worker reads"
+        " at the same path; needs the `dask` extra); unset: on this server",
+    )
     stream_above_mb: float = Field(
         default=256.0,
         ge=0,

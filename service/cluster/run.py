@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -12,7 +13,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, Future, LocalCluster, as_completed
+from distributed import Client, Future, LocalCluster, wait
 from distributed.scheduler import KilledWorker
 
 from tiling import TilePlan, TileSink
@@ -33,6 +34,8 @@ __all__ = ["DEFAULT_BLOCK_PX", "block_for", "connect", "segment_on_cluster"]
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_PX = 3072  # at least this many output pixels a side: 8 x 8 tiles of 384 (~9.4 Mpx per task)
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)  # one class since Python 3.11, two before
+_POLL_S = 1.0  # while waiting for blocks, progress(0) this often: a cancel or a time limit is seen within it
 _ZARR_CHUNK = 256  # the OME-Zarr sink's chunk side: blocks must not split a chunk
 
 
@@ -43,7 +46,7 @@ def connect(scheduler: str | None = None, workers: int | None = None, *, timeout
     if scheduler:
         try:
             client = Client(scheduler, timeout=f"{timeout_s}s", set_as_default=False)
-        except (OSError, TimeoutError) as e:
+        except (OSError, *_TIMEOUTS) as e:
             raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
         with client:
             yield client
@@ -94,7 +97,7 @@ def _check_workers(client: Client, resources: dict[str, float] | None, timeout_s
     where = _where(client)
     try:
         client.wait_for_workers(1, timeout=timeout_s)
-    except TimeoutError:
+    except _TIMEOUTS:
         raise ClusterError(
             f"the Dask scheduler at {where} has no workers (none joined within {timeout_s:g} s)"
         ) from None
@@ -116,11 +119,19 @@ def _register(client: Client, plugin: ModelPlugin) -> None:
         raise ClusterError(f"a worker of {_where(client)} cannot load the model: {e}") from None
 
 
-def _result(future: Future[Any]) -> Any:
-    try:
-        return future.result()
-    except KilledWorker as e:
-        raise ClusterError(f"a block's task killed every worker that ran it: {e}") from None
+def _result(future: Future[Any], progress: Callable[[int], None] | None = None) -> Any:
+    """The block's result; meanwhile ``progress(0)`` about once a second (where a cancel or a
+    time limit raises, without waiting for a whole block)."""
+    while True:
+        try:
+            return future.result(timeout=_POLL_S)
+        except KilledWorker as e:
+            raise ClusterError(f"a block's task killed every worker that ran it: {e}") from None
+        except _TIMEOUTS:
+            if future.done():  # the task itself raised a TimeoutError
+                raise
+            if progress is not None:
+                progress(0)
 
 
 def _run_plane(
@@ -143,10 +154,19 @@ def _run_plane(
         if assemble is None:
             futures = [submit(t) for t in tasks]
             by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
-            for future in as_completed(futures, loop=client.loop):
-                _result(future)
-                if progress is not None:
-                    progress(by_key[future.key].tiles)
+            remaining = set(futures)
+            while remaining:
+                try:
+                    finished = wait(list(remaining), timeout=_POLL_S, return_when="FIRST_COMPLETED").done
+                except _TIMEOUTS:
+                    finished = set()
+                for future in finished:
+                    _result(future)
+                    remaining.discard(future)
+                    if progress is not None:
+                        progress(by_key[future.key].tiles)
+                if not finished and progress is not None:
+                    progress(0)
             return
         window = max(2, 2 * sum(client.nthreads().values()))
         pending: deque[tuple[BlockTask, Future[Any]]] = deque()
@@ -158,7 +178,7 @@ def _run_plane(
                 break
         while pending:
             task, future = pending.popleft()
-            y = _result(future)
+            y = _result(future, progress)
             future.release()
             nxt = next(queue, None)
             if nxt is not None:

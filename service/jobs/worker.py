@@ -1,27 +1,31 @@
-"""The worker threads that run queued jobs through the pipeline, and the app's entry point
-that starts them (:func:`start_jobs`)."""
+"""The worker threads that run queued jobs through the pipeline (on this server, or on a Dask
+cluster with ``UNET_DASK_SCHEDULER``), and the app's entry point that starts them (:func:`start_jobs`)."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import logging
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import JobError, JobNotFoundError, is_storage_full, storage_error
+from ..errors import ClusterError, JobError, JobNotFoundError, is_storage_full, storage_error
+from ..io import ImageHeader
+from ..paths import default_checkpoint
 from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Route, segment_file
 from ..segmenter import Segmenter
 from ..settings import Settings
 from .records import JobRecord, State
 from .store import JobStore, _remove, _zip_store
 
-__all__ = ["JobWorker", "jobs_dir", "start_jobs"]
+__all__ = ["ClusterJobs", "JobWorker", "jobs_dir", "start_jobs"]
 
 log = logging.getLogger("service.jobs")  # the package's logger: service.connections rate-limits its lines
 
@@ -36,6 +40,51 @@ class _OutOfTime(Exception):  # noqa: N818  (control flow: the job ends failed)
     """Raised from the progress callback when a run is past the worker's ``timeout_s``."""
 
 
+@dataclass(frozen=True)
+class ClusterJobs:
+    """Where and how jobs run on a Dask cluster (``UNET_DASK_SCHEDULER``): the scheduler, the
+    checkpoint every worker loads (same path on every machine) and its device settings."""
+
+    scheduler: str  # tcp://host:8786
+    checkpoint: Path
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    connect_timeout_s: float = 10.0
+
+
+class _JobTiles:
+    """A cluster run's progress in the job's own tile count (``tiles_total``, counted at
+    admission from the whole-image plan).
+
+    The blocks' plans may hold a few tiles more than the whole image's (a tile whose kept
+    part crosses into a last block thinner than the tile overlap is run by both blocks), so
+    the blocks' tiles are scaled to the admitted total, counted from ``on_open``: the job's
+    ``tiles_done`` advances as the blocks finish and ends at exactly ``tiles_total``.
+
+    >>> seen = []
+    >>> tiles = _JobTiles(seen.append, 16)
+    >>> tiles.opened(18)
+    >>> for n in (9, 9): tiles(n)
+    >>> seen
+    [8, 8]
+    """
+
+    def __init__(self, progress: Callable[[int], None], total: int) -> None:
+        self.progress, self.total = progress, total
+        self.run_total = total  # the blocks' tiles (on_open), until known the same
+        self.run_done = self.reported = 0
+
+    def opened(self, run_total: int) -> None:
+        self.run_total = max(run_total, 1)
+
+    def __call__(self, n: int) -> None:
+        self.run_done += n
+        now = min(self.total, self.run_done * self.total // max(self.run_total, 1))
+        step, self.reported = now - self.reported, now
+        self.progress(step)  # also when 0: it is where cancel, shutdown and the time limit are noticed
+
+
 class JobWorker:
     """Runs queued jobs on ``workers`` threads with one shared :class:`Segmenter`.
 
@@ -43,6 +92,14 @@ class JobWorker:
     admission (``stream_above_mb``: decoded size above which it streams). Cancellation,
     shutdown and ``timeout_s`` (seconds since this attempt started; the job then fails) raise
     from the engine's progress callback, so a run stops at its next batch.
+
+    With ``cluster``, jobs run on that Dask cluster instead
+    (:func:`service.cluster.segment_on_cluster`, block by block; the progress callback runs
+    as each block finishes and about once a second meanwhile, so a cancel or the time limit
+    stops a run within a second: its blocks are cancelled on the cluster). Its route is the cluster's:
+    every labels job streams (``stream_above_mb`` is 0, so admission decides the same route).
+    One client serves every job, connected at the first one and closed by :meth:`stop`; a
+    scheduler that cannot be reached fails the job saying so, and the next job connects again.
     """
 
     def __init__(
@@ -55,12 +112,15 @@ class JobWorker:
         max_pixels: int | None = None,
         housekeeping_s: float = 30.0,
         timeout_s: float | None = None,
+        cluster: ClusterJobs | None = None,
     ) -> None:
         self.store = store
         self.timeout_s = timeout_s or None  # a run past it fails at its next batch; None or 0: no limit
         self.segmenter = segmenter
         self.workers = workers
-        self.stream_above_mb = stream_above_mb
+        self.cluster = cluster
+        # the cluster streams every labels job (segment_on_cluster's own route): admission decides the same
+        self.stream_above_mb = 0.0 if cluster is not None else stream_above_mb
         self.max_pixels = max_pixels
         self.housekeeping_s = housekeeping_s
         self._wake = threading.Condition()
@@ -69,6 +129,9 @@ class JobWorker:
         self._claim_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._lock_file: Any = None
+        self._client_lock = threading.Lock()
+        self._client: Any = None  # a distributed.Client (the dask extra is optional), made by _cluster_client()
+        self._client_exit = contextlib.ExitStack()
 
     # lifecycle
     def start(self) -> None:
@@ -92,6 +155,7 @@ class JobWorker:
         """Stop taking jobs; a running job stops at its next batch and is queued again."""
         self._stopping.set()
         self.notify()
+        self._close_client()  # a job waiting on the cluster's blocks stops now (queued again), not after a block
         for t in self._threads:
             t.join(timeout)
         self._threads.clear()
@@ -196,6 +260,9 @@ class JobWorker:
             error = f"the job did not finish within {self.timeout_s:g} s (UNET_JOBS_TIMEOUT_S)"
             self._finish(job_id, "failed", error=error, tiles_done=done)
             log.info("job %s failed after %d/%d tiles: %s", job_id, done, record.tiles_total, error)
+        except ClusterError as e:  # the scheduler unreachable or lost, no usable worker: the message names it
+            self._finish(job_id, "failed", error=str(e), tiles_done=done)
+            log.warning("job %s failed: %s", job_id, e)
         except (ValueError, LookupError) as e:  # InputError, UNetError, TilingError: the input's fault
             self._finish(job_id, "failed", error=str(e), tiles_done=done)
             log.info("job %s failed: %s", job_id, e)
@@ -245,21 +312,99 @@ class JobWorker:
 
     def _segment_to_result(self, record: JobRecord, progress: Callable[[int], None]) -> None:
         src, opts = self.store.input_path(record.id), record.options
-        route = Route.from_json(record.route) if record.route else None  # decided at admission
+        if self.cluster is None:
+            route = Route.from_json(record.route) if record.route else None  # decided at admission
+
+            def run(dst: Path) -> None:
+                segment_file(
+                    self.segmenter, src, dst, opts.pipeline, route=route, max_pixels=self.max_pixels, progress=progress
+                )
+
+        else:
+
+            def run(dst: Path) -> None:
+                self._on_cluster(record, src, dst, progress)
+
         if opts.format == "ome-zarr":
             store = self.store.dir(record.id) / self.store.STORE
-            segment_file(
-                self.segmenter, src, store, opts.pipeline, route=route, max_pixels=self.max_pixels, progress=progress
-            )
             try:
+                run(store)
                 _zip_store(store, self.store.result_path(record.id, opts.format))
             finally:
                 _remove(store)
             return
-        dst = self.store.result_path(record.id)
-        segment_file(
-            self.segmenter, src, dst, opts.pipeline, route=route, max_pixels=self.max_pixels, progress=progress
-        )
+        run(self.store.result_path(record.id))
+
+    # on a Dask cluster
+    def _on_cluster(self, record: JobRecord, src: Path, dst: Path, progress: Callable[[int], None]) -> None:
+        from ..cluster import segment_on_cluster  # noqa: PLC0415  (the optional dask extra; start_jobs checked it)
+
+        cluster = self.cluster
+        assert cluster is not None
+        tiles = _JobTiles(progress, record.tiles_total)
+
+        def opened(header: ImageHeader, route: Route, run_tiles: int) -> None:
+            tiles.opened(run_tiles)
+            if asdict(route) != record.route:  # queued before the cluster was configured: show the route it takes
+
+                def rerouted(r: JobRecord) -> None:
+                    r.route, r.streamed = asdict(route), route.streamed
+
+                self.store.update(record.id, rerouted)
+
+        client = self._cluster_client()
+        try:
+            segment_on_cluster(
+                client,
+                cluster.checkpoint,
+                src.resolve(),  # the workers' working directory is not this process's
+                dst.resolve(),
+                record.options.pipeline,
+                device=cluster.device,
+                precision=cluster.precision,
+                batch_size=cluster.batch_size,
+                max_pixels=self.max_pixels,
+                progress=tiles,
+                on_open=opened,
+            )
+        except (_StopRun, _OutOfTime, ClusterError):
+            raise
+        except Exception as e:
+            if self._stopping.is_set():  # stop() closed the client under the run: queued again
+                raise _StopRun from None
+            if client.status != "running":  # the scheduler went away during the run
+                why = " ".join(str(e).split())  # distributed's message spans lines
+                raise ClusterError(f"lost the Dask scheduler at {cluster.scheduler} during the job: {why}") from None
+            raise
+
+    def _cluster_client(self) -> Any:
+        """The worker's client of the scheduler, connected now if it is not (yet, or any more)."""
+        from ..cluster import connect  # noqa: PLC0415  (the optional dask extra)
+
+        cluster = self.cluster
+        assert cluster is not None
+        with self._client_lock:
+            if self._stopping.is_set():
+                raise _StopRun
+            if self._client is not None and self._client.status == "running":
+                return self._client
+            self._drop_client()
+            self._client = self._client_exit.enter_context(
+                connect(cluster.scheduler, timeout_s=cluster.connect_timeout_s)
+            )  # ClusterError (naming the scheduler) if unreachable: this job fails, the next one tries again
+            log.info("jobs connected to the Dask scheduler at %s", cluster.scheduler)
+            return self._client
+
+    def _drop_client(self) -> None:
+        self._client = None
+        try:
+            self._client_exit.close()
+        except Exception as e:  # a client of a scheduler that is gone may not close cleanly
+            log.warning("closing the Dask client: %s", e)
+
+    def _close_client(self) -> None:
+        with self._client_lock:
+            self._drop_client()
 
 
 def jobs_dir(settings: Settings) -> Path:
@@ -268,9 +413,33 @@ def jobs_dir(settings: Settings) -> Path:
 
 
 def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker | None:
-    """The app's job worker, started (``None`` when ``UNET_JOBS_WORKERS=0``)."""
+    """The app's job worker, started (``None`` when ``UNET_JOBS_WORKERS=0``, or when
+    ``UNET_DASK_SCHEDULER`` is set without the dask extra: ``/jobs`` is then off, logged as an error).
+
+    With ``UNET_DASK_SCHEDULER`` the jobs run on that cluster, with the served checkpoint
+    (``UNET_CHECKPOINT`` or the bundled one) and ``UNET_DEVICE``/``UNET_PRECISION``/``UNET_BATCH_SIZE``
+    applied on the workers.
+    """
     if settings.jobs_workers == 0:
         return None
+    cluster = None
+    if settings.dask_scheduler:
+        try:
+            importlib.import_module("..cluster", __package__)
+        except ImportError as e:  # refused at start: queued jobs and their uploads wait for the fix
+            log.error(
+                "/jobs disabled: UNET_DASK_SCHEDULER is set but the dask extra is missing"
+                " (pip install 'unet-tile[dask]'): %s",
+                e,
+            )
+            return None
+        cluster = ClusterJobs(
+            settings.dask_scheduler,
+            Path(settings.checkpoint or default_checkpoint()).resolve(),
+            device=settings.device,
+            precision=settings.precision,
+            batch_size=settings.batch_size,
+        )
     store = JobStore(jobs_dir(settings), ttl_s=settings.jobs_ttl_s, quota_bytes=int(settings.jobs_quota_mb * 2**20))
     worker = JobWorker(
         store,
@@ -280,11 +449,13 @@ def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker | None:
         max_pixels=settings.jobs_max_pixels,
         housekeeping_s=min(30.0, max(settings.jobs_ttl_s / 4, 0.5)),
         timeout_s=settings.jobs_timeout_s,
+        cluster=cluster,
     )
     try:
         worker.start()
     except JobError as e:
         log.error("/jobs disabled: %s", e)
         return None
-    log.info("job worker started: %d thread(s), storage %s", settings.jobs_workers, store.root)
+    where = f"on the Dask scheduler at {cluster.scheduler}" if cluster else "on this server"
+    log.info("job worker started: %d thread(s), storage %s, running %s", settings.jobs_workers, store.root, where)
     return worker
