@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, Future, LocalCluster, wait
+from distributed import Client, Future, LocalCluster
 from distributed.scheduler import KilledWorker
 
 from tiling import TilePlan, TileSink
@@ -154,19 +155,22 @@ def _run_plane(
         if assemble is None:
             futures = [submit(t) for t in tasks]
             by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
-            remaining = set(futures)
+            remaining, idle_since = list(futures), time.monotonic()
             while remaining:
-                try:
-                    finished = wait(list(remaining), timeout=_POLL_S, return_when="FIRST_COMPLETED").done
-                except _TIMEOUTS:
-                    finished = set()
+                done = [f.done() for f in remaining]  # the client's own state: no round trip
+                finished = [f for f, d in zip(remaining, done, strict=True) if d]
                 for future in finished:
                     _result(future)
-                    remaining.discard(future)
                     if progress is not None:
                         progress(by_key[future.key].tiles)
-                if not finished and progress is not None:
+                if finished:
+                    remaining = [f for f, d in zip(remaining, done, strict=True) if not d]
+                    idle_since = time.monotonic()
+                    continue
+                time.sleep(0.05)
+                if progress is not None and time.monotonic() - idle_since >= _POLL_S:
                     progress(0)
+                    idle_since = time.monotonic()
             return
         window = max(2, 2 * sum(client.nthreads().values()))
         pending: deque[tuple[BlockTask, Future[Any]]] = deque()

@@ -135,7 +135,7 @@ def test_ome_zarr_job_on_the_cluster_equals_one_machine(
     body, _, ref = case
     job = submit(server, body, format="ome-zarr")
     final = finished(server, job["id"])
-    assert final["state"] == "done", final
+    assert final["state"] == "done", (final, server.log_text()[-3000:])
     assert final["progress"] == {"tiles_done": TILES, "tiles_total": TILES, "fraction": 1.0}
     r = server.get(final["result_url"])
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
