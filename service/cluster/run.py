@@ -50,6 +50,7 @@ def connect(scheduler: str | None = None, workers: int | None = None, *, timeout
         except (OSError, *_TIMEOUTS) as e:
             raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
         with client:
+            log.info("scheduler %s; dashboard %s", scheduler, client.dashboard_link)
             yield client
         return
     n = workers or 1
