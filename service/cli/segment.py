@@ -81,11 +81,12 @@ def _segment(args: argparse.Namespace) -> int:
         label_name=args.label_name,
     )
     t0 = time.perf_counter()
-    bar = tqdm(unit="tile", desc="segment", disable=args.quiet, file=sys.stderr)
+    # the bar appears once the input is open: a refused input or option is one line on stderr
+    bar = tqdm(unit="tile", desc="segment", disable=True, file=sys.stderr)
     pixels = 0
 
     def opened(header: ImageHeader, route: Route, tiles: int) -> None:
-        nonlocal pixels
+        nonlocal pixels, bar
         if header.series_count > 1:  # a silent choice among several images is a wrong mask waiting to happen
             print(
                 f"unet-tile: warning: input holds {header.series_count} series; segmented series {header.series}"
@@ -93,7 +94,7 @@ def _segment(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         pixels = header.pixels // header.channels
-        bar.reset(total=tiles)
+        bar = tqdm(total=tiles, unit="tile", desc="segment", disable=args.quiet, file=sys.stderr)
         log.info("%s for %s (%.0f MB decoded)", route, args.input, decoded_bytes(header) / 1e6)
 
     def advance(n: int) -> None:
@@ -104,24 +105,25 @@ def _segment(args: argparse.Namespace) -> int:
     target = args.output or args.input
     scheduler = args.scheduler or (None if args.workers else os.environ.get("DASK_SCHEDULER_ADDRESS") or None)
     try:
-        with bar:
-            if scheduler or args.workers:
-                _on_cluster(args, scheduler, options, advance, opened)
-            else:
-                segment_file(
-                    load_segmenter(args),
-                    args.input,
-                    args.output,
-                    options,
-                    stream_above_mb=args.stream_above,
-                    into_input=args.into_input,
-                    progress=advance,
-                    on_open=opened,
-                )
+        if scheduler or args.workers:
+            _on_cluster(args, scheduler, options, advance, opened)
+        else:
+            segment_file(
+                load_segmenter(args),
+                args.input,
+                args.output,
+                options,
+                stream_above_mb=args.stream_above,
+                into_input=args.into_input,
+                progress=advance,
+                on_open=opened,
+            )
     except ClusterError:
         raise
     except OSError as e:  # reads are checked (CorruptImageError): an OSError here is the output's
         raise storage_error(e, f"writing {target}") from None
+    finally:
+        bar.close()
     log.info("wrote %s in %.2f s", target, time.perf_counter() - t0)
     return 0
 

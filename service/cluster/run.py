@@ -126,14 +126,18 @@ def _result(future: Future[Any], progress: Callable[[int], None] | None = None) 
     time limit raises, without waiting for a whole block)."""
     while True:
         try:
-            return future.result(timeout=_POLL_S)
+            try:
+                return future.result(timeout=_POLL_S)
+            except _TIMEOUTS:
+                if not future.done():
+                    if progress is not None:
+                        progress(0)
+                    continue
+                # done: it finished as the wait ran out (a busy machine), or the task itself raised
+                # a TimeoutError; its own outcome tells which
+                return future.result()
         except KilledWorker as e:
             raise ClusterError(f"a block's task killed every worker that ran it: {e}") from None
-        except _TIMEOUTS:
-            if future.done():  # the task itself raised a TimeoutError
-                raise
-            if progress is not None:
-                progress(0)
 
 
 def _run_plane(

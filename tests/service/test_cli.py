@@ -163,5 +163,16 @@ def test_console_script(tmp_path: Path, tiny_checkpoint: Path) -> None:
         check=False,
     )
     assert bad.returncode == 2 and "output path must differ" in bad.stderr
+    (tmp_path / "text.tif").write_text("hello")
+    refused = subprocess.run(  # without -q too: a refused input is one line, no empty progress bar before it
+        [UNET_TILE, "segment", tmp_path / "text.tif", "-o", tmp_path / "t.tif", "--checkpoint", tiny_checkpoint],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        "unet-tile: error: not a TIFF file (starts with b'hell'); expected a TIFF image (II*/MM* header)"
+    ]
     usage = subprocess.run([UNET_TILE, "segment"], capture_output=True, text=True, check=False)
     assert usage.returncode == 2 and "required" in usage.stderr

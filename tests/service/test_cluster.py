@@ -32,7 +32,7 @@ import service.cluster
 import service.omezarr.sink
 import unet
 from service.cluster import BlockTask, ModelPlugin, run_block, segment_on_cluster
-from service.cluster.run import _register
+from service.cluster.run import _register, _result
 from service.errors import ClusterError, InputError
 from service.pipeline import Options, choose_route, open_input, open_sink, plan_of
 from service.segmenter import Segmenter
@@ -475,3 +475,32 @@ def test_a_block_run_twice_rewrites_the_same_chunks(tmp_path: Path, client: Clie
     np.testing.assert_array_equal(labels, ref[task.block.dest])
     assert_both_classes(labels)
     assert_only(tmp_path, "img.tif", "ref.ome.zarr")  # the aborted store is gone
+
+
+class _FinishedAsTheWaitRanOut:
+    """A future whose wait times out at the moment it finishes (a busy machine)."""
+
+    def __init__(self, outcome: Any) -> None:
+        self.outcome, self.waits = outcome, 0
+
+    def result(self, timeout: float | None = None) -> Any:
+        if timeout is not None:
+            self.waits += 1
+            raise TimeoutError(f"timed out after {timeout} s.")
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def done(self) -> bool:
+        return self.waits > 0
+
+
+def test_a_block_that_finishes_as_the_wait_runs_out_is_its_result() -> None:
+    """Regression: a job on a loaded machine failed with distributed's 'timed out after 1 s.'
+    because a block that finished just as the 1 s wait ran out was taken for a task that
+    raised a TimeoutError itself."""
+    beats: list[int] = []
+    assert _result(_FinishedAsTheWaitRanOut("labels"), beats.append) == "labels"  # type: ignore[arg-type]
+    assert beats == []  # it was done: no heartbeat, no second wait
+    with pytest.raises(TimeoutError, match="the task's own"):  # a task's own TimeoutError still fails the run
+        _result(_FinishedAsTheWaitRanOut(TimeoutError("the task's own")))  # type: ignore[arg-type]
