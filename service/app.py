@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI
 from unet import load_checkpoint
 
 from .deps import ServiceState, require_api_key
+from .errors import JobsOffError
 from .http_errors import install_error_handlers
 from .jobs import start_jobs
 from .metrics import MetricsMiddleware
@@ -79,7 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ).set(1)
         # jobs run their forward passes on the same executor: one torch thread pool in the process
         jobs_segmenter = state.segmenter.running_on(state.executor)
-        app.state.jobs = await anyio.to_thread.run_sync(start_jobs, settings, jobs_segmenter)
+        app.state.jobs, app.state.jobs_off = None, None
+        try:
+            app.state.jobs = await anyio.to_thread.run_sync(start_jobs, settings, jobs_segmenter)
+        except JobsOffError as e:  # /jobs answers 503 saying why; the rest of the service runs
+            app.state.jobs_off = str(e)
         state.ready = True
         state.metrics.ready.set(1)
         try:

@@ -10,6 +10,7 @@
             ├── InvalidJobIdError   malformed id                                    (HTTP 422)
             ├── JobNotFoundError    unknown or expired id                           (HTTP 404)
             ├── JobNotReadyError    no result (yet)                                 (HTTP 409)
+            ├── JobsOffError        /jobs is off on this server (its settings say why) (HTTP 503)
             └── QuotaExceededError  the jobs directory is full                      (HTTP 507)
 
     ConnectionError
@@ -41,6 +42,7 @@ __all__ = [
     "JobError",
     "JobNotFoundError",
     "JobNotReadyError",
+    "JobsOffError",
     "NotATiffError",
     "QuotaExceededError",
     "StorageError",
@@ -87,6 +89,11 @@ class JobNotFoundError(JobError):
 
 class JobNotReadyError(JobError):
     """The job has no result to download (still running, failed or cancelled)."""
+
+
+class JobsOffError(JobError):
+    """``/jobs`` is off on this server (``UNET_JOBS_WORKERS=0``, a missing extra, a jobs
+    directory taken by another process): a retry will not help until its settings change."""
 
 
 class QuotaExceededError(JobError):

@@ -13,6 +13,7 @@ or a filesystem path. Status codes::
     service.errors.JobNotFoundError         404
     service.errors.JobNotReadyError         409
     service.errors.QuotaExceededError       507  (the jobs directory's quota UNET_JOBS_QUOTA_MB)
+    service.errors.JobsOffError             503  without Retry-After (off by the settings: retrying will not help)
     service.errors.JobError (other)         400
     service.errors.InputError (other)       400
     service.errors.StorageFullError         507  (also: any OSError with errno ENOSPC or EDQUOT)
@@ -61,6 +62,7 @@ from .errors import (
     JobError,
     JobNotFoundError,
     JobNotReadyError,
+    JobsOffError,
     NotATiffError,
     QuotaExceededError,
     StorageFullError,
@@ -129,6 +131,7 @@ _STATUS: dict[type[BaseException], int] = {
     JobNotFoundError: 404,
     JobNotReadyError: 409,
     QuotaExceededError: 507,
+    JobsOffError: 503,
     JobError: 400,
     InputError: 400,
     StorageFullError: 507,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ClusterError, JobError, JobNotFoundError, is_storage_full, storage_error
+from ..errors import ClusterError, JobError, JobNotFoundError, JobsOffError, is_storage_full, storage_error
 from ..io import ImageHeader
 from ..paths import default_checkpoint
 from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Route, segment_file
@@ -412,16 +412,19 @@ def jobs_dir(settings: Settings) -> Path:
     return settings.jobs_dir or Path(tempfile.gettempdir()) / "unet-tile-jobs"
 
 
-def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker | None:
-    """The app's job worker, started (``None`` when ``UNET_JOBS_WORKERS=0``, or when
-    ``UNET_DASK_SCHEDULER`` is set without the dask extra: ``/jobs`` is then off, logged as an error).
+def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker:
+    """The app's job worker, started.
+
+    Raises :class:`JobsOffError` saying why ``/jobs`` is off: ``UNET_JOBS_WORKERS=0``, or
+    (also logged as an error) ``UNET_DASK_SCHEDULER`` set without the dask extra, or a jobs
+    directory another server process holds. ``/jobs`` then answers 503 with that reason.
 
     With ``UNET_DASK_SCHEDULER`` the jobs run on that cluster, with the served checkpoint
     (``UNET_CHECKPOINT`` or the bundled one) and ``UNET_DEVICE``/``UNET_PRECISION``/``UNET_BATCH_SIZE``
     applied on the workers.
     """
     if settings.jobs_workers == 0:
-        return None
+        raise JobsOffError("UNET_JOBS_WORKERS=0")
     cluster = None
     if settings.dask_scheduler:
         try:
@@ -432,7 +435,7 @@ def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker | None:
                 " (pip install 'unet-tile[dask]'): %s",
                 e,
             )
-            return None
+            raise JobsOffError("UNET_DASK_SCHEDULER is set but the server lacks the dask extra") from None
         cluster = ClusterJobs(
             settings.dask_scheduler,
             Path(settings.checkpoint or default_checkpoint()).resolve(),
@@ -455,7 +458,7 @@ def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker | None:
         worker.start()
     except JobError as e:
         log.error("/jobs disabled: %s", e)
-        return None
+        raise JobsOffError("its jobs directory is in use by another server process") from None
     where = f"on the Dask scheduler at {cluster.scheduler}" if cluster else "on this server"
     log.info("job worker started: %d thread(s), storage %s, running %s", settings.jobs_workers, store.root, where)
     return worker

@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from ..admission import admit
 from ..deps import SegmenterDep, SettingsDep
-from ..errors import JobNotReadyError, QuotaExceededError, UnsupportedImageError, storage_error
+from ..errors import JobNotReadyError, JobsOffError, QuotaExceededError, UnsupportedImageError, storage_error
 from ..http_errors import UnavailableError
 from ..jobs import JOB_ID_PATTERN, JobOptions, JobRecord, JobWorker
 from ..pipeline import choose_route
@@ -50,13 +50,17 @@ _BY_ID_ERRORS = error_responses(
     (422, "malformed job id: expected 32 characters of A-Z, a-z, 0-9, '_' or '-'"),
     (
         503,
-        "the job worker is not running (starting or shutting down), or too many connections; retry after Retry-After s",
+        "the job worker is not running (starting or shutting down), or too many connections: retry after Retry-After"
+        " s; or /jobs is off on this server (no Retry-After; the message says why)",
     ),
 )
 
 
 def _worker(request: Request) -> JobWorker:
     worker: JobWorker | None = getattr(request.app.state, "jobs", None)
+    off: str | None = getattr(request.app.state, "jobs_off", None)
+    if worker is None and off is not None:
+        raise JobsOffError(f"/jobs is off on this server: {off}")
     if worker is None:
         raise UnavailableError("the job worker is not running (starting or shutting down); retry later", 1)
     return worker
@@ -179,7 +183,8 @@ def _admit(path: Path, segmenter: Segmenter, settings: Settings, worker: JobWork
             (
                 503,
                 "the model or the job worker is not running (starting or shutting down), or too many"
-                " connections; retry after Retry-After s",
+                " connections: retry after Retry-After s; or /jobs is off on this server (no Retry-After;"
+                " the message says why)",
             ),
             (507, "no space left for the upload: the jobs quota UNET_JOBS_QUOTA_MB, or the disk, is full"),
         ),

@@ -183,3 +183,22 @@ def test_results_expire_and_quota_is_enforced(launch: Callable[..., Server], che
     assert server.get(f"/jobs/{job['id']}").status_code == 404
     assert server.get(f"/jobs/{job['id']}/result").status_code == 404
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+
+
+def test_jobs_off_by_the_settings_say_so_without_retry_after(
+    launch: Callable[..., Server], checkpoint: Path, to_tiff: Callable[..., bytes]
+) -> None:
+    """UNET_JOBS_WORKERS=0: /jobs answers 503 naming the setting, with no Retry-After (a retry
+    will not help); /segment serves as ever."""
+    server = launch(checkpoint, jobs_workers="0")
+    body = to_tiff(np.zeros((64, 64), np.uint8))
+    answers = [
+        server.post("/jobs", content=body, headers={"Content-Type": "image/tiff"}),
+        server.get("/jobs/" + "a" * 32),
+    ]
+    for r in answers:
+        assert r.status_code == 503, r.text
+        assert r.json() == {"detail": "/jobs is off on this server: UNET_JOBS_WORKERS=0"}
+        assert "retry-after" not in r.headers
+    assert server.post("/segment", content=body, headers={"Content-Type": "image/tiff"}).status_code == 200
+    assert server.get("/readyz").status_code == 200

@@ -25,6 +25,7 @@ import pytest
 import tifffile
 from distributed import Client
 
+from service.errors import JobsOffError
 from service.jobs import start_jobs
 from service.settings import Settings
 from tests.service.cluster_helpers import DaskProcesses, assert_same_store, make_image, reference, write_input
@@ -201,7 +202,10 @@ def test_without_the_dask_extra_jobs_are_off_and_the_log_says_why(
 ) -> None:
     monkeypatch.setitem(sys.modules, "service.cluster", None)  # as if distributed were not installed
     settings = Settings(dask_scheduler="tcp://127.0.0.1:8786", jobs_dir=tmp_path / "jobs")
-    with caplog.at_level(logging.ERROR, logger="service.jobs"):
-        assert start_jobs(settings, None) is None  # type: ignore[arg-type]  # never reaches the model
+    with (
+        caplog.at_level(logging.ERROR, logger="service.jobs"),
+        pytest.raises(JobsOffError, match="UNET_DASK_SCHEDULER is set but the server lacks the dask extra"),
+    ):
+        start_jobs(settings, None)  # type: ignore[arg-type]  # never reaches the model
     assert "UNET_DASK_SCHEDULER is set but the dask extra is missing" in caplog.text
     assert not (tmp_path / "jobs").exists()  # refused before taking the jobs directory: queued jobs wait
