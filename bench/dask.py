@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import logging
 import os
 import resource
@@ -53,7 +52,7 @@ from tiling import plan_tiles
 from tiling.blocks import block_plan, plan_blocks
 from unet import load_checkpoint, synth
 
-from .run import _cpu_name, _load
+from .run import _cpu_name, _load, emit
 
 __all__ = ["main", "render"]
 
@@ -359,9 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     with tempfile.TemporaryDirectory(prefix="unet-bench-dask-") as tmp:
         report = run(args, Path(tmp))
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    emit(render(report), report, args.json)
     return 0
 
 

@@ -31,7 +31,7 @@ import tifffile
 
 from . import data
 from .rows import _post, _server
-from .run import _cpu_name
+from .run import _cpu_name, emit
 
 __all__ = ["main"]
 
@@ -193,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(checkpoint),
         "result": result,
     }
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    emit(render(report), report, args.json)
     return 0
 
 

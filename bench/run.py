@@ -30,7 +30,7 @@ from tiling import resolve_device, resolve_precision
 
 from . import baselines, data
 
-__all__ = ["TARGETS", "main", "render"]
+__all__ = ["TARGETS", "emit", "main", "render"]
 
 ALL_ROWS = ("ceiling", "engine", "cli", "http", "naive", "monai", "tiles", "agreement")
 TARGETS = {  # (row, reference row, at least): output Mpx/s ratios the engine work aims for
@@ -116,6 +116,13 @@ def _jobs(args: argparse.Namespace, precisions: list[str], main_precision: str) 
     return jobs
 
 
+def emit(text: str, report: dict[str, Any], json_path: Path | None) -> None:
+    """Print a bench's rendered ``text``; with ``--json``, also write its ``report`` there."""
+    print(text)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
 def _load() -> str:
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -199,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         _add_derived(report)
         for r in results.values():
             r.pop("labels", None)
-        print(render(report))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
+        emit(render(report), report, args.json)
     return 0
 
 
