@@ -120,7 +120,9 @@ class Settings(BaseSettings):
     jobs_quota_mb: float = Field(
         default=20480.0, gt=0, description="most MiB the jobs directory may hold; an upload beyond it gets 507"
     )
-    jobs_workers: int = Field(default=1, ge=0, description="jobs run at once (0 turns `/jobs` off: it answers 503 saying so)")
+    jobs_workers: int = Field(
+        default=1, ge=0, description="jobs run at once (0 turns `/jobs` off: it answers 503 saying so)"
+    )
     jobs_upload_timeout_s: float = Field(
         default=3600.0,
         gt=0,

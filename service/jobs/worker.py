@@ -458,7 +458,7 @@ def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker:
         worker.start()
     except JobError as e:
         log.error("/jobs disabled: %s", e)
-        raise JobsOffError("its jobs directory is in use by another server process") from None
+        raise JobsOffError(str(e)) from None  # its own words (the directory's path is scrubbed from answers)
     where = f"on the Dask scheduler at {cluster.scheduler}" if cluster else "on this server"
     log.info("job worker started: %d thread(s), storage %s, running %s", settings.jobs_workers, store.root, where)
     return worker

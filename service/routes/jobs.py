@@ -58,10 +58,10 @@ _BY_ID_ERRORS = error_responses(
 
 def _worker(request: Request) -> JobWorker:
     worker: JobWorker | None = getattr(request.app.state, "jobs", None)
-    off: str | None = getattr(request.app.state, "jobs_off", None)
-    if worker is None and off is not None:
-        raise JobsOffError(f"/jobs is off on this server: {off}")
     if worker is None:
+        off: str | None = getattr(request.app.state, "jobs_off", None)
+        if off is not None:
+            raise JobsOffError(f"/jobs is off on this server: {off}")
         raise UnavailableError("the job worker is not running (starting or shutting down); retry later", 1)
     return worker
 

@@ -185,12 +185,18 @@ def test_results_expire_and_quota_is_enforced(launch: Callable[..., Server], che
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]
 
 
+@pytest.mark.parametrize("why", ["UNET_JOBS_WORKERS=0", "a jobs directory another server holds"])
 def test_jobs_off_by_the_settings_say_so_without_retry_after(
-    launch: Callable[..., Server], checkpoint: Path, to_tiff: Callable[..., bytes]
+    launch: Callable[..., Server], checkpoint: Path, to_tiff: Callable[..., bytes], tmp_path: Path, why: str
 ) -> None:
-    """UNET_JOBS_WORKERS=0: /jobs answers 503 naming the setting, with no Retry-After (a retry
-    will not help); /segment serves as ever."""
-    server = launch(checkpoint, jobs_workers="0")
+    """/jobs off by the settings answers 503 saying why, with no Retry-After (a retry will not
+    help until the settings change); /segment serves as ever."""
+    if why == "UNET_JOBS_WORKERS=0":
+        server, detail = launch(checkpoint, jobs_workers="0"), "UNET_JOBS_WORKERS=0"
+    else:
+        launch(checkpoint, jobs_dir=str(tmp_path), device="cpu")  # takes the directory first
+        server = launch(checkpoint, jobs_dir=str(tmp_path), device="cpu")
+        detail = "jobs directory <path> is in use by another server process"
     body = to_tiff(np.zeros((64, 64), np.uint8))
     answers = [
         server.post("/jobs", content=body, headers={"Content-Type": "image/tiff"}),
@@ -198,7 +204,7 @@ def test_jobs_off_by_the_settings_say_so_without_retry_after(
     ]
     for r in answers:
         assert r.status_code == 503, r.text
-        assert r.json() == {"detail": "/jobs is off on this server: UNET_JOBS_WORKERS=0"}
+        assert r.json() == {"detail": f"/jobs is off on this server: {detail}"}
         assert "retry-after" not in r.headers
     assert server.post("/segment", content=body, headers={"Content-Type": "image/tiff"}).status_code == 200
     assert server.get("/readyz").status_code == 200
