@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint typecheck unit bench bench-jobs bench-dask bench-smoke load clean
+.PHONY: install serve test lint typecheck unit bench bench-jobs bench-dask bench-instances bench-smoke load clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench-jobs: install
 # one image on a local Dask cluster of 1 and 2 workers against one machine (1 torch thread each)
 bench-dask: install
 	$(PY) -m bench.dask $(BENCH_ARGS)
+
+# --output instances --table on a 32768x32768 image of synthetic nuclei against labels: time and peak RSS
+bench-instances: install
+	$(PY) -m bench.instances $(BENCH_ARGS)
 
 # connections under load (not part of `make test`): 5,000 idle + 50 posting clients for 60 s on 127.0.0.1
 load: install

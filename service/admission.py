@@ -251,7 +251,7 @@ def admit(
     segmenter.check(header)
     planes = header.pixels // header.channels
     k = segmenter.checkpoint.config.num_classes
-    result = planes * (k * 4 if output == "probabilities" else 1)
+    result = planes * {"probabilities": k * 4, "instances": 4}.get(output, 1)
     if not relaxed and result > settings.max_image_bytes:
         raise ImageTooLargeError(
             f"the {output} result would take {result / 2**20:,.0f} MiB; the limit is "

@@ -44,6 +44,7 @@ __all__ = [
     "JobNotReadyError",
     "JobsOffError",
     "NotATiffError",
+    "OptionError",
     "QuotaExceededError",
     "StorageError",
     "StorageFullError",
@@ -73,6 +74,10 @@ class ImageTooLargeError(InputError):
 
 class UnsupportedImageError(InputError):
     """A readable image with a dtype, layout or channel count the model cannot take."""
+
+
+class OptionError(InputError):
+    """Options that do not go together (a table without instances, a pyramid of probabilities)."""
 
 
 class JobError(InputError):

@@ -9,6 +9,7 @@ or a filesystem path. Status codes::
     service.errors.CorruptImageError        400
     service.errors.ImageTooLargeError       413  (also: body over UNET_MAX_UPLOAD_MB)
     service.errors.UnsupportedImageError    422
+    service.errors.OptionError              422  (options that do not go together)
     service.errors.InvalidJobIdError        422
     service.errors.JobNotFoundError         404
     service.errors.JobNotReadyError         409
@@ -64,6 +65,7 @@ from .errors import (
     JobNotReadyError,
     JobsOffError,
     NotATiffError,
+    OptionError,
     QuotaExceededError,
     StorageFullError,
     UnsupportedImageError,
@@ -127,6 +129,7 @@ _STATUS: dict[type[BaseException], int] = {
     CorruptImageError: 400,
     ImageTooLargeError: 413,
     UnsupportedImageError: 422,
+    OptionError: 422,
     InvalidJobIdError: 422,
     JobNotFoundError: 404,
     JobNotReadyError: 409,

@@ -36,15 +36,17 @@ import numpy.typing as npt
 import tiling
 from tiling import Tile, TilePlan, TileSink
 
-from .errors import InputError
+from .errors import InputError, OptionError
 from .io import ImageData, ImageHeader
 from .segmenter import Segmenter
-from .sinks import MemorySink, PyramidTiffSink, Sink, TiledTiffSink
+from .sinks import ImageSink, MemorySink, PyramidTiffSink, Sink, TiledTiffSink
 from .sources import NGFF_VERSIONS, ArraySource, Source, TiffSource, is_ome_zarr
 
 __all__ = [
     "DEFAULT_STREAM_ABOVE_MB",
+    "OUTPUTS",
     "Options",
+    "Output",
     "Progress",
     "Report",
     "Route",
@@ -64,7 +66,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STREAM_ABOVE_MB = 256  # decoded input size above which TIFF inputs are read window by window
 Progress = Callable[[int], None]  # called with the number of tiles just finished
-Output = Literal["labels", "probabilities"]
+Output = Literal["labels", "probabilities", "instances"]
+OUTPUTS = ("labels", "probabilities", "instances")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,14 @@ class Options:
     series: int = 0  # which image series of a TIFF
     ngff: str = "0.4"  # NGFF version of a new OME-Zarr store
     label_name: str = "unet"  # labels/<name> in an OME-Zarr store
+    min_area: int | None = None  # instances: drop smaller objects (px; None: the checkpoint's minimum)
+    table: Path | None = None  # instances: a measurement table (.csv, .parquet) beside the image
+    geojson: Path | None = None  # instances: QuPath shapes beside the image
+
+    @property
+    def engine_output(self) -> Literal["labels", "probabilities"]:
+        """What the network's tiles give: class labels for labels and instances."""
+        return "probabilities" if self.output == "probabilities" else "labels"
 
 
 @dataclass(frozen=True)
@@ -134,17 +145,19 @@ def choose_route(
     >>> choose_route(h, Options(output="probabilities"), stream_above_mb=0, zarr_in=True)
     Route(read='windowed', write='memory')
     """
-    labels = options.output == "labels"
-    if options.output not in ("labels", "probabilities"):
-        raise InputError(f"output must be 'labels' or 'probabilities', got {options.output!r}")
+    if options.output not in OUTPUTS:
+        raise OptionError(f"output must be one of {', '.join(OUTPUTS)}, got {options.output!r}")
+    labels = options.output != "probabilities"  # instances stream as labels do
+    if (options.table is not None or options.geojson is not None) and options.output != "instances":
+        raise OptionError("a table or GeoJSON comes with instances: ask for output instances")
     if options.pyramid and not labels:
-        raise InputError("a pyramid applies to labels output, not probabilities")
+        raise OptionError("a pyramid applies to labels output, not probabilities")
     if zarr_out and not labels:
-        raise InputError("OME-Zarr labels hold class ids: ask for labels output, or write probabilities to a TIFF")
+        raise OptionError("OME-Zarr labels hold ids: ask for labels or instances, or write probabilities to a TIFF")
     if zarr_out and options.pyramid:
-        raise InputError("an OME-Zarr output always has a pyramid; the pyramid option is for TIFF outputs")
+        raise OptionError("an OME-Zarr output always has a pyramid; the pyramid option is for TIFF outputs")
     if zarr_out and options.ngff not in NGFF_VERSIONS:
-        raise InputError(f"NGFF version must be one of {', '.join(NGFF_VERSIONS)}, got {options.ngff!r}")
+        raise OptionError(f"NGFF version must be one of {', '.join(NGFF_VERSIONS)}, got {options.ngff!r}")
     large = decoded_bytes(header) > stream_above_mb * 1e6
     streamed = labels and (large or options.pyramid or zarr_out or zarr_in)
     read: Literal["decoded", "windowed"] = "windowed" if streamed or zarr_in else "decoded"
@@ -181,8 +194,41 @@ def open_sink(
     source: Source | None = None,
     into_input: bool = False,
 ) -> Sink:
-    """The sink ``route`` says, writing to ``target`` (None: :class:`MemorySink` kept for encoding)."""
+    """The sink ``route`` says, writing to ``target`` (None: :class:`MemorySink` kept for encoding).
+
+    For instances: an :class:`~service.instances.InstanceSink` around the sink of the uint32
+    image, with the table and GeoJSON of ``options``; its provisional ids are spooled beside
+    ``target`` on streamed routes (in memory otherwise)."""
+    inner = _image_sink(route, target, header, segmenter, options, source=source, into_input=into_input)
+    if options.output != "instances":
+        return inner
+    from .instances import InstanceSink, instance_rule  # noqa: PLC0415
+
+    assert source is not None, "instances read the input's rows again for their measurements"
+    spool = None
+    if route.streamed:
+        spool = target.parent if target is not None else getattr(source, "path", Path(".")).parent
+    try:
+        rule = instance_rule(segmenter.checkpoint, options.min_area)
+        return InstanceSink(inner, header, rule, source, table=options.table, geojson=options.geojson, spool_dir=spool)
+    except BaseException:
+        inner.abort()
+        raise
+
+
+def _image_sink(
+    route: Route,
+    target: Path | None,
+    header: ImageHeader,
+    segmenter: Segmenter,
+    options: Options,
+    *,
+    source: Source | None = None,
+    into_input: bool = False,
+) -> ImageSink:
     ck = segmenter.checkpoint
+    instances = options.output == "instances"
+    dtype = np.uint32 if instances else np.uint8
     if route.write == "memory":
         return MemorySink(header, options.output, ck.config.num_classes, target)
     assert target is not None or into_input
@@ -204,11 +250,12 @@ def open_sink(
             level_factors=zarr_source.level_factors if zarr_source is not None else None,
             scale=zarr_source.scale if zarr_source is not None else None,
             background=segmenter.background,
+            instances=instances,
         )
     assert target is not None
     if route.write == "pyramid-tiff":
-        return PyramidTiffSink(target, header)
-    return TiledTiffSink(target, header)
+        return PyramidTiffSink(target, header, dtype)
+    return TiledTiffSink(target, header, dtype)
 
 
 class _NoData:
@@ -263,7 +310,7 @@ def run_plane(
     plan: TilePlan,
     affine: Callable[[npt.NDArray[Any]], npt.NDArray[np.float32]],
     sink: TileSink,
-    output: Output = "labels",
+    output: tiling.Output = "labels",
     progress: Progress | None = None,
 ) -> Any:
     """Run ``plan``'s tiles of one (C, Y, X) ``plane`` into ``sink`` with the normalization
@@ -315,7 +362,7 @@ def segment(
         for i in range(math.prod(header.stack_shape)):
             plane = source.plane(i)
             affine = segmenter.checkpoint.normalization.fit(plane)  # once per plane, from a bounded sample
-            run_plane(segmenter, plane, plan, affine, sink.plane(i, plan), options.output, progress)
+            run_plane(segmenter, plane, plan, affine, sink.plane(i, plan), options.engine_output, progress)
         sink.finish()
     except BaseException:
         sink.abort()
@@ -325,10 +372,16 @@ def segment(
 def segment_image(
     segmenter: Segmenter, image: ImageData, options: Options = Options(), progress: Progress | None = None
 ) -> npt.NDArray[Any]:
-    """A decoded image's (planes, Y, X) uint8 labels or (planes, K, Y, X) float32 probabilities."""
-    sink = MemorySink(image.header, options.output, segmenter.checkpoint.config.num_classes)
-    segment(segmenter, ArraySource.of(image), sink, options, progress)
-    return sink.result
+    """A decoded image's (planes, Y, X) uint8 labels, uint32 instances (with ``options``'
+    table and GeoJSON written) or (planes, K, Y, X) float32 probabilities."""
+    source = ArraySource.of(image)
+    memory = MemorySink(image.header, options.output, segmenter.checkpoint.config.num_classes)
+    sink: Sink = memory
+    if options.output == "instances":
+        sink = open_sink(Route("decoded", "memory"), None, image.header, segmenter, options, source=source)
+        memory = sink.inner  # type: ignore[attr-defined]
+    segment(segmenter, source, sink, options, progress)
+    return memory.result
 
 
 @dataclass(frozen=True)
@@ -338,6 +391,7 @@ class Report:
     header: ImageHeader
     route: Route
     tiles: int
+    objects: int | None = None  # instances: how many (all planes)
 
 
 def segment_file(
@@ -369,6 +423,15 @@ def segment_file(
             raise InputError("output path must differ from the input path")
         if not target.parent.is_dir():
             raise InputError(f"output directory does not exist: {target.parent}")
+    for side in (options.table, options.geojson):
+        if side is None:
+            continue
+        if not Path(side).parent.is_dir():
+            raise InputError(f"output directory does not exist: {Path(side).parent}")
+        if Path(side).resolve() in {Path(src).resolve(), *([target.resolve()] if target is not None else [])}:
+            raise InputError(f"{side} is the input or the image output: give the table and GeoJSON their own paths")
+    if options.table is not None and options.table == options.geojson:
+        raise InputError("the table and the GeoJSON need different paths")
     zarr_out = into_input or (target is not None and is_ome_zarr(target))
     with contextlib.closing(open_input(src, series=options.series, max_pixels=max_pixels)) as source:
         header = source.header
@@ -386,4 +449,4 @@ def segment_file(
             source.windowed() if chosen.read == "windowed" else source.decoded()
         sink = open_sink(chosen, target, header, segmenter, options, source=source, into_input=into_input)
         segment(segmenter, source, sink, options, progress)
-        return Report(header, chosen, tiles)
+        return Report(header, chosen, tiles, getattr(sink, "count", None) if options.output == "instances" else None)

@@ -90,6 +90,9 @@ class Segmenter:
     def __init__(
         self, checkpoint: Checkpoint, *, device: str = "auto", precision: str = "fp32", batch_size: int | None = None
     ) -> None:
+        from .instances import instance_rule  # noqa: PLC0415  (instances import the sinks, which import this)
+
+        instance_rule(checkpoint)  # a checkpoint with an invalid instance rule is refused at load, not at use
         self.checkpoint = checkpoint
         self.predictor: TorchPredictor | ExecutorPredictor = TorchPredictor(
             checkpoint.model, device=device, precision=precision

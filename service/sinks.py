@@ -46,6 +46,8 @@ from .io import ImageHeader, encode_tiff, write_tiff
 
 __all__ = [
     "OUTPUT_TILE",
+    "BandWriter",
+    "ImageSink",
     "MemorySink",
     "PyramidTiffSink",
     "RowBlocks",
@@ -59,6 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OUTPUT_TILE = 256  # tile edge of the streamed output TIFF
+BandWriter = Callable[[npt.NDArray[Any], int], None]  # (whole-width band, its first row), top to bottom
 
 
 class Sink(Protocol):
@@ -72,6 +75,14 @@ class Sink(Protocol):
 
     def abort(self) -> None:
         """Something failed or was cancelled: remove whatever was written. Never raises."""
+
+
+class ImageSink(Sink, Protocol):
+    """A sink that writes an image, which also takes whole-width bands (what a sink that
+    computes its image from the labels, :class:`~service.instances.InstanceSink`, writes into)."""
+
+    def band_writer(self, index: int, dtype: npt.DTypeLike) -> BandWriter:
+        """Instead of :meth:`plane`: where plane ``index``'s whole-width bands of ``dtype`` go, in order."""
 
 
 class RowBlocks:
@@ -135,19 +146,28 @@ def pyramid_factors(height: int, width: int, tile: int = OUTPUT_TILE) -> list[in
 
 
 class MemorySink:
-    """The whole result in memory: (planes, Y, X) uint8 labels or (planes, K, Y, X) float32
-    probabilities (``classes`` = K). :meth:`finish` writes it to ``target`` (atomically),
-    if one is given; :meth:`encode` gives the TIFF bytes."""
+    """The whole result in memory: (planes, Y, X) uint8 labels, uint32 instances or
+    (planes, K, Y, X) float32 probabilities (``classes`` = K). :meth:`finish` writes it to
+    ``target`` (atomically), if one is given; :meth:`encode` gives the TIFF bytes."""
 
     def __init__(self, header: ImageHeader, output: str, classes: int, target: Path | None = None) -> None:
         planes = math.prod(header.stack_shape)
         lead = (classes,) if output == "probabilities" else ()
         self.header, self.target = header, target
-        dtype = np.float32 if output == "probabilities" else np.uint8
+        dtype = {"probabilities": np.float32, "instances": np.uint32}.get(output, np.uint8)
         self.result: npt.NDArray[Any] = np.empty((planes, *lead, header.height, header.width), dtype)
 
     def plane(self, index: int, plan: TilePlan) -> TileSink:
         return ArraySink(plan.image_shape, self.result.dtype, out=self.result[index])
+
+    def band_writer(self, index: int, dtype: npt.DTypeLike) -> BandWriter:
+        """Where whole-width bands of plane ``index`` go, ``(band, first row)``."""
+        out = self.result[index]
+
+        def write(band: npt.NDArray[Any], y0: int) -> None:
+            out[y0 : y0 + len(band)] = band
+
+        return write
 
     def finish(self) -> None:
         if self.target is not None:
@@ -272,7 +292,8 @@ class _StreamedTiff:
     A subclass makes ``consume(bands)`` (the tifffile writer) and calls :meth:`start`.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, dtype: npt.DTypeLike = np.uint8) -> None:
+        self.dtype = np.dtype(dtype)
         self._atomic = atomic_path(target)
         self.tmp = self._atomic.__enter__()
         self._writer: _WriterThread | None = None
@@ -285,7 +306,13 @@ class _StreamedTiff:
         self._writer.put(band)
 
     def plane(self, index: int, plan: TilePlan) -> TileSink:
-        return BandSink(plan, np.uint8, self.put)
+        return BandSink(plan, self.dtype, self.put)
+
+    def band_writer(self, index: int, dtype: npt.DTypeLike) -> BandWriter:
+        """Where whole-width bands of plane ``index`` go, ``(band, first row)``, in order."""
+        if np.dtype(dtype) != self.dtype:
+            raise ValueError(f"this TIFF holds {self.dtype}, not {np.dtype(dtype)}")
+        return self.put
 
     def finish(self) -> None:
         assert self._writer is not None
@@ -306,17 +333,18 @@ class _StreamedTiff:
 
 
 class TiledTiffSink(_StreamedTiff):
-    """uint8 labels streamed into a tiled, compressed BigTIFF at ``target`` (atomically)."""
+    """uint8 labels (or ``dtype``: uint32 instances) streamed into a tiled, compressed BigTIFF
+    at ``target`` (atomically)."""
 
-    def __init__(self, target: Path, header: ImageHeader) -> None:
+    def __init__(self, target: Path, header: ImageHeader, dtype: npt.DTypeLike = np.uint8) -> None:
         self.header = header
         h, w = header.height, header.width
         shape = (*header.stack_shape, h, w)
         options = _tiff_options(header, w)
         metadata = {"axes": header.stack_axes + "YX"}
         planes = math.prod(header.stack_shape)
-        super().__init__(target)
-        tmp = self.tmp
+        super().__init__(target, dtype)
+        tmp, dtype = self.tmp, self.dtype
 
         def consume(bands: Iterator[npt.NDArray[Any]]) -> None:
             with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
@@ -332,7 +360,7 @@ class TiledTiffSink(_StreamedTiff):
                     for _ in range(planes):
                         yield from _plane_tiles(bands, h, w, OUTPUT_TILE)
 
-                tif.write(tiles(), shape=shape, dtype=np.uint8, metadata=metadata, **options)
+                tif.write(tiles(), shape=shape, dtype=dtype, metadata=metadata, **options)
 
         self.start(consume)
 
@@ -340,24 +368,25 @@ class TiledTiffSink(_StreamedTiff):
 class _LevelFile:
     """Every 2**k-th row and column of the streamed mask, appended to a raw temporary file."""
 
-    def __init__(self, directory: Path, factor: int, width: int) -> None:
+    def __init__(self, directory: Path, factor: int, width: int, dtype: npt.DTypeLike = np.uint8) -> None:
         self.factor, self.width = factor, len(range(0, width, factor))
+        self.dtype = np.dtype(dtype)
         fd, name = tempfile.mkstemp(dir=directory, prefix=".level", suffix=".raw")
         self.path = Path(name)
         self.file = os.fdopen(fd, "w+b")
         self.rows = 0
 
-    def add(self, band: npt.NDArray[np.uint8], y0: int) -> None:
+    def add(self, band: npt.NDArray[Any], y0: int) -> None:
         kept, _ = nearest_rows(band, y0, self.factor)
-        self.file.write(kept.tobytes())
+        self.file.write(kept.astype(self.dtype, copy=False).tobytes())
         self.rows += kept.shape[0]
 
-    def bands(self, rows: int = OUTPUT_TILE) -> Iterator[npt.NDArray[np.uint8]]:
+    def bands(self, rows: int = OUTPUT_TILE) -> Iterator[npt.NDArray[Any]]:
         self.file.flush()
         self.file.seek(0)
         for _ in range(0, self.rows, rows):
-            data = self.file.read(rows * self.width)
-            yield np.frombuffer(data, np.uint8).reshape(-1, self.width)
+            data = self.file.read(rows * self.width * self.dtype.itemsize)
+            yield np.frombuffer(data, self.dtype).reshape(-1, self.width)
 
     def close(self) -> None:
         """Close and delete the file; never raises (a full disk may refuse the final flush of
@@ -385,23 +414,23 @@ def physical_metadata(header: ImageHeader) -> dict[str, Any]:
 
 
 class PyramidTiffSink(_StreamedTiff):
-    """uint8 labels of one 2-D image streamed into a pyramidal OME-TIFF at ``target``."""
+    """uint8 labels (or ``dtype``) of one 2-D image streamed into a pyramidal OME-TIFF at ``target``."""
 
-    def __init__(self, target: Path, header: ImageHeader) -> None:
+    def __init__(self, target: Path, header: ImageHeader, dtype: npt.DTypeLike = np.uint8) -> None:
         if header.stack_axes:
             raise UnsupportedImageError(f"a pyramid needs a single 2-D image; this one has axes {header.axes}")
         h, w = header.height, header.width
         options = _tiff_options(header, w)
-        super().__init__(target)
-        tmp = self.tmp
+        super().__init__(target, dtype)
+        tmp, dtype = self.tmp, self.dtype
 
         def consume(bands: Iterator[npt.NDArray[Any]]) -> None:
             levels: list[_LevelFile] = []
             try:
                 for f in pyramid_factors(h, w):
-                    levels.append(_LevelFile(tmp.parent, f, w))
+                    levels.append(_LevelFile(tmp.parent, f, w, dtype))
 
-                def base() -> Iterator[npt.NDArray[np.uint8]]:
+                def base() -> Iterator[npt.NDArray[Any]]:
                     y0 = 0
                     for band in bands:
                         for level in levels:
@@ -416,7 +445,7 @@ class PyramidTiffSink(_StreamedTiff):
                     tif.write(
                         _plane_tiles(base(), h, w, OUTPUT_TILE),
                         shape=(h, w),
-                        dtype=np.uint8,
+                        dtype=dtype,
                         subifds=len(levels),
                         metadata=metadata,
                         **options,
@@ -429,7 +458,7 @@ class PyramidTiffSink(_StreamedTiff):
                         tif.write(
                             level_tiles,
                             shape=(level.rows, level.width),
-                            dtype=np.uint8,
+                            dtype=dtype,
                             subfiletype=1,
                             metadata=None,
                             **level_options,

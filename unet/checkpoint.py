@@ -55,6 +55,7 @@ class Checkpoint:
     sha256: str
     format_version: int = FORMAT_VERSION
     info: dict[str, Any] = field(default_factory=dict)  # training provenance, metrics
+    instances: dict[str, Any] | None = None  # how class masks become instances (tiling.InstanceRule fields)
 
     @property
     def config(self) -> UNetConfig:
@@ -88,10 +89,13 @@ def save_checkpoint(
     foreground: tuple[int, ...] | list[int] | None = None,
     info: Mapping[str, Any] | None = None,
     weights_dtype: str = "float32",
+    instances: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``model`` and its metadata atomically to ``path``; return the file's sha256.
 
     ``weights_dtype='float16'`` halves the file (the loader casts back to float32).
+    ``instances``: the instance rule recorded with the model (``tiling.InstanceRule`` fields:
+    seeds, grow, min_area, ...), read back as :attr:`Checkpoint.instances`.
     """
     config = model.config
     names = tuple(class_names) if class_names is not None else _default_class_names(config.num_classes)
@@ -113,6 +117,8 @@ def save_checkpoint(
         "foreground": json.dumps(list(fg)),
         "info": json.dumps(dict(info or {})),
     }
+    if instances is not None:
+        metadata["instances"] = json.dumps(dict(instances))
     with atomic_path(path) as part:
         save_file(tensors, str(part), metadata=metadata)
     return file_sha256(path)
@@ -189,7 +195,17 @@ def load_checkpoint(
         sha256=file_sha256(p),
         format_version=version,
         info=dict(_json_field(metadata, "info", p)) if "info" in metadata else {},
+        instances=_instances(metadata, p),
     )
+
+
+def _instances(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
+    if "instances" not in metadata:
+        return None
+    value = _json_field(metadata, "instances", path)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata 'instances' must be an object, got {value!r}")
+    return value
 
 
 def _build(config: UNetConfig, state: Mapping[str, torch.Tensor], source: str) -> UNet:

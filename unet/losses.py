@@ -49,23 +49,38 @@ def separate_touching(labels: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     return np.asarray((lab > 0) & (lowest_near >= lab), np.uint8)
 
 
-def boundary_target(labels: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+def boundary_target(labels: npt.NDArray[Any], width: int = 1) -> npt.NDArray[np.uint8]:
     """Three classes from an instance image: 0 background, 1 object, 2 contact boundary.
 
-    The boundary class is the gap of :func:`separate_touching`: pixels where two
-    instances touch. Objects and boundaries together are the foreground, so the
-    foreground keeps every object pixel while class 1 alone still keeps touching
-    objects apart.
+    ``width`` 1: the boundary class is the gap of :func:`separate_touching`, the contact
+    pixels of one of each two touching instances. ``width`` 2r (even): every object pixel
+    with another instance within r px (chessboard), on both sides of the contact, so the
+    line is 2r px thick and one misread pixel no longer joins two objects. Objects and
+    boundaries together are the foreground, so the foreground keeps every object pixel
+    while class 1 alone still keeps touching objects apart.
 
     >>> lab = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 0, 0]])
     >>> boundary_target(lab)
     array([[1, 1, 2, 1],
            [1, 1, 2, 1],
            [0, 0, 0, 0]], dtype=uint8)
+    >>> boundary_target(lab, width=2)
+    array([[1, 2, 2, 1],
+           [1, 2, 2, 1],
+           [0, 0, 0, 0]], dtype=uint8)
     """
     lab = np.asarray(labels)
-    apart = separate_touching(lab)
-    return np.asarray(np.where((lab > 0) & (apart == 0), 2, apart), np.uint8)
+    if width == 1:
+        apart = separate_touching(lab)
+        return np.asarray(np.where((lab > 0) & (apart == 0), 2, apart), np.uint8)
+    if width < 1 or width % 2:
+        raise ValueError(f"boundary width must be 1 or even, got {width}")
+    size = (width + 1, width + 1)
+    lab64 = lab.astype(np.int64)
+    lowest = np.asarray(ndimage.grey_erosion(np.where(lab64 > 0, lab64, lab64.max() + 1), size=size, mode="nearest"))
+    highest = np.asarray(ndimage.grey_dilation(lab64, size=size, mode="nearest"))
+    contact = (lab64 > 0) & ((lowest < lab64) | (highest > lab64))
+    return np.asarray(np.where(contact, 2, lab64 > 0), np.uint8)
 
 
 def class_balance_weights(

@@ -142,12 +142,13 @@ def prepare_data(
     w0: float = 10.0,
     sigma: float = 5.0,
     num_classes: int = 2,
+    boundary_width: int = 1,
 ) -> TrainingData:
     """Normalize each (H, W) or (C, H, W) image and build its target and weight map.
 
     ``num_classes`` 2: background / object with a background gap between touching
     objects (:func:`~unet.losses.separate_touching`); 3: the gap is its own boundary
-    class (:func:`~unet.losses.boundary_target`).
+    class (:func:`~unet.losses.boundary_target`), ``boundary_width`` px thick (1 or even).
     """
     if num_classes not in (2, 3):
         raise UNetError(f"training supports 2 classes (background, object) or 3 (+ boundary), got {num_classes}")
@@ -156,7 +157,13 @@ def prepare_data(
     out_img: list[npt.NDArray[np.float32]] = []
     out_t: list[npt.NDArray[np.uint8]] = []
     out_w: list[npt.NDArray[np.float32]] = []
+    if boundary_width != 1 and num_classes != 3:
+        raise UNetError("a boundary width needs the 3-class target (--classes 3)")
+    if boundary_width < 1 or (boundary_width % 2 and boundary_width != 1):
+        raise UNetError(f"the boundary width must be 1 or even, got {boundary_width}")
     h = hashlib.sha256()
+    if boundary_width != 1:  # other targets from the same pairs (width 1 hashes as before)
+        h.update(f"boundary-width {boundary_width}".encode())
     for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
         chw = np.asarray(image)[np.newaxis] if np.asarray(image).ndim == 2 else np.asarray(image)
         if chw.ndim != 3 or chw.shape[-2:] != np.asarray(mask).shape:
@@ -167,7 +174,7 @@ def prepare_data(
             raise UNetError(f"pair {i}: {chw.shape[0]} channel(s), the first image has {out_img[0].shape[0]}")
         norm = normalization.fit(chw)(chw[np.newaxis])[0]
         labels = instance_labels(mask)
-        target = separate_touching(labels) if num_classes == 2 else boundary_target(labels)
+        target = separate_touching(labels) if num_classes == 2 else boundary_target(labels, boundary_width)
         out_img.append(np.ascontiguousarray(norm, np.float32))
         out_t.append(target)
         out_w.append(border_weight_map(labels, w0=w0, sigma=sigma, num_classes=num_classes, target=target))

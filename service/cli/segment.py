@@ -79,7 +79,12 @@ def _segment(args: argparse.Namespace) -> int:
         series=args.series,
         ngff=args.ngff,
         label_name=args.label_name,
+        min_area=args.min_area,
+        table=args.table,
+        geojson=args.geojson,
     )
+    if args.min_area is not None and args.output_kind != "instances":
+        raise InputError("--min-area applies to --output instances")
     t0 = time.perf_counter()
     # the bar appears once the input is open: a refused input or option is one line on stderr
     bar = tqdm(unit="tile", desc="segment", disable=True, file=sys.stderr)
@@ -106,9 +111,9 @@ def _segment(args: argparse.Namespace) -> int:
     scheduler = args.scheduler or (None if args.workers else os.environ.get("DASK_SCHEDULER_ADDRESS") or None)
     try:
         if scheduler or args.workers:
-            _on_cluster(args, scheduler, options, advance, opened)
+            report = _on_cluster(args, scheduler, options, advance, opened)
         else:
-            segment_file(
+            report = segment_file(
                 load_segmenter(args),
                 args.input,
                 args.output,
@@ -125,6 +130,8 @@ def _segment(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     log.info("wrote %s in %.2f s", target, time.perf_counter() - t0)
+    if report is not None and report.objects is not None and not args.quiet:
+        print(f"unet-tile: {report.objects} objects", file=sys.stderr)
     return 0
 
 
@@ -134,14 +141,14 @@ def _on_cluster(
     options: Options,
     advance: Any,
     opened: Any,
-) -> None:
+) -> Any:
     try:
         from ..cluster import connect, segment_on_cluster  # noqa: PLC0415  (the optional dask extra)
     except ImportError as e:
         raise InputError(f"cluster runs need the dask extra (pip install 'unet-tile[dask]'): {e}") from None
     if not args.verbose:
         logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
-    segment_on_cluster(
+    return segment_on_cluster(
         lambda: connect(scheduler, args.workers),
         args.checkpoint or default_checkpoint(),
         args.input,
@@ -178,8 +185,31 @@ def register(sub: Any) -> None:
         "--output",
         dest="output_kind",
         default="labels",
-        choices=["labels", "probabilities"],
-        help="what to write: uint8 class ids (default) or float32 per-class probabilities",
+        choices=["labels", "probabilities", "instances"],
+        help="what to write: uint8 class ids (default), float32 per-class probabilities, or uint32 instances"
+        " (0 = background, 1..N = objects)",
+    )
+    inst = p.add_argument_group("instances (--output instances)")
+    inst.add_argument(
+        "--min-area",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="drop objects smaller than PX pixels (default: the checkpoint's minimum)",
+    )
+    inst.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a measurement table per object: PATH.csv, or PATH.parquet with pyarrow installed",
+    )
+    inst.add_argument(
+        "--geojson",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="one polygon per object as GeoJSON that QuPath imports (detections, full-resolution pixels)",
     )
     p.add_argument("--tile-size", type=positive_int, default=388, help="output tile size: 388 (default), 644, 900, ...")
     p.add_argument(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -37,13 +38,15 @@ import tifffile
 import torch
 
 from tiling import resolve_device
+from tiling.instances import InstanceRule, label_instances
 from unet import Checkpoint, Normalization, UNet, UNetConfig, geometry, save_checkpoint
 from unet.atomic import atomic_path
 from unet.synth import synth_image
-from unet.training import TrainConfig, prepare_data, train
+from unet.training import TrainConfig, instance_labels, prepare_data, train
 
 from ..errors import InputError
-from ..evaluate import Overlap, overlap
+from ..evaluate import Matching, Overlap, match_instances, overlap
+from ..instances import instance_rule
 from ..pipeline import Options, segment_image
 from ..segmenter import Segmenter
 from ..sources import read_image
@@ -101,16 +104,27 @@ def _planes(pair: Pair) -> tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]
 
 def evaluate_pairs(segmenter: Segmenter, pairs: Sequence[Pair], *, tile_size: int = 388) -> list[tuple[str, Overlap]]:
     """Per image: the overlap of the model's foreground classes with the mask's non-zero pixels."""
+    return [(name, o) for name, o, _ in evaluate_instances(segmenter, pairs, tile_size=tile_size)]
+
+
+def evaluate_instances(
+    segmenter: Segmenter, pairs: Sequence[Pair], *, tile_size: int = 388, min_area: int | None = None
+) -> list[tuple[str, Overlap, Matching]]:
+    """Per image: the foreground overlap, and the instances (the rule ``--output instances``
+    applies: :func:`service.instances.instance_rule`) matched to the mask's objects at IoU 0.5
+    (a binary mask's objects are its connected components)."""
     fg = np.asarray(segmenter.checkpoint.foreground)
+    rule = instance_rule(segmenter.checkpoint, min_area)
     results = []
     for pair in pairs:
         image = read_image(pair.image)
         _, masks = _planes(pair)
         labels = segment_image(segmenter, image, Options(tile_size=tile_size))
-        total = Overlap(0, 0, 0)
+        total, matched = Overlap(0, 0, 0), Matching(0, 0, 0)
         for pred, truth in zip(labels, masks, strict=True):
             total = total + overlap(np.isin(pred, fg), truth)
-        results.append((pair.name, total))
+            matched = matched + match_instances(label_instances(pred, rule), instance_labels(truth))
+        results.append((pair.name, total, matched))
     return results
 
 
@@ -139,6 +153,27 @@ def calibrate_background(segmenter: Segmenter, pairs: Sequence[Pair]) -> tuple[f
     scores = {off: float(Overlap(*map(int, c)).dice) for off, c in zip(CALIBRATION_OFFSETS, counts, strict=True)}
     best = max(CALIBRATION_OFFSETS, key=lambda off: (scores[off], -abs(off)))
     return best, scores
+
+
+MIN_AREAS = (0, 5, 10, 15, 20, 30, 40, 60)  # object sizes (px) --calibrate tries for the instance rule
+
+
+def calibrate_min_area(segmenter: Segmenter, pairs: Sequence[Pair]) -> tuple[int, dict[int, float]]:
+    """The instance rule's minimum object size (of :data:`MIN_AREAS`) that maximizes the
+    instance F1 at IoU 0.5 pooled over ``pairs``, and the F1 for each one (the smallest size
+    wins a tie). The class labels are computed once."""
+    base = instance_rule(segmenter.checkpoint, 0)
+    planes: list[tuple[npt.NDArray[Any], npt.NDArray[Any]]] = []
+    for pair in pairs:
+        labels = segment_image(segmenter, read_image(pair.image))
+        _, masks = _planes(pair)
+        planes.extend((pred, instance_labels(truth)) for pred, truth in zip(labels, masks, strict=True))
+    f1_at = {}
+    for m in MIN_AREAS:
+        rule = dataclasses.replace(base, min_area=m)
+        f1_at[m] = sum((match_instances(label_instances(p, rule), t) for p, t in planes), Matching(0, 0, 0)).f1
+    best = max(MIN_AREAS, key=lambda m: (round(f1_at[m], 6), -m))
+    return best, f1_at
 
 
 def _summary(results: Sequence[tuple[str, Overlap]]) -> dict[str, float]:
@@ -221,6 +256,8 @@ def _train_command(args: argparse.Namespace) -> str:
     ]  # fmt: skip
     if args.dice:
         parts += ["--dice", str(args.dice)]
+    if args.boundary_width != 1:
+        parts += ["--boundary-width", str(args.boundary_width)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.val_images is not None:
@@ -244,6 +281,10 @@ def _train(args: argparse.Namespace) -> int:
         raise InputError("--val-images and --val-masks go together")
     if args.calibrate and args.val_images is None:
         raise InputError("--calibrate needs a validation set (--val-images and --val-masks)")
+    if args.boundary_width != 1 and (args.classes != 3 or args.boundary_width % 2):
+        raise InputError(
+            f"--boundary-width {args.boundary_width}: needs --classes 3 and a width of 1 or an even number"
+        )
     geometry.check_input_size(args.patch_size, args.depth)
     device = resolve_device(args.device)
     args.device = device.type  # the recorded command names the device the run used
@@ -252,7 +293,15 @@ def _train(args: argparse.Namespace) -> int:
     channels = images[0].shape[0]
     normalization = Normalization()  # per-image percentiles 1 - 99.8: what serving applies too
     t0 = time.perf_counter()
-    data = prepare_data(images, masks, normalization, w0=args.w0, sigma=args.sigma, num_classes=args.classes)
+    data = prepare_data(
+        images,
+        masks,
+        normalization,
+        w0=args.w0,
+        sigma=args.sigma,
+        num_classes=args.classes,
+        boundary_width=args.boundary_width,
+    )
     del images, masks
     log.info("prepared %d training planes in %.1f s", len(data), time.perf_counter() - t0)
     config = TrainConfig(
@@ -336,12 +385,32 @@ def _train(args: argparse.Namespace) -> int:
             f"(pooled Dice {dice_at[0.0]:.4f} -> {dice_at[offset]:.4f})",
             file=sys.stderr,
         )
-    if val_pairs:
-        ck = Checkpoint(result.model, normalization, class_names, foreground, sha256="")
-        scores = _summary(evaluate_pairs(Segmenter(ck, device=str(device), batch_size=2), val_pairs))
-        info["held_out"] = {**{k: round(v, 4) for k, v in scores.items()}, "dir": str(args.val_images)}
+    grow = tuple(k for k in foreground if class_names[k] == "boundary")
+    rule = InstanceRule(seeds=tuple(k for k in foreground if k not in grow), grow=grow)
+    if val_pairs and args.calibrate:
+        ck = Checkpoint(result.model, normalization, class_names, foreground, sha256="", instances=rule.to_dict())
+        min_area, f1_at = calibrate_min_area(Segmenter(ck, device=str(device), batch_size=2), val_pairs)
+        rule = dataclasses.replace(rule, min_area=min_area)
+        info["calibration"]["min_area"] = min_area
+        info["calibration"]["instance_f1"] = {str(m): round(f, 4) for m, f in f1_at.items()}
         print(
-            f"train: held-out Dice {scores['dice']:.4f} IoU {scores['iou']:.4f} on {len(val_pairs)} images",
+            f"train: calibrated the instances' minimum area to {min_area} px "
+            f"(instance F1 {f1_at[0]:.4f} -> {f1_at[min_area]:.4f})",
+            file=sys.stderr,
+        )
+    if val_pairs:
+        ck = Checkpoint(result.model, normalization, class_names, foreground, sha256="", instances=rule.to_dict())
+        results = evaluate_instances(Segmenter(ck, device=str(device), batch_size=2), val_pairs)
+        scores = _summary([(name, o) for name, o, _ in results])
+        f1 = sum((m for _, _, m in results), Matching(0, 0, 0)).f1
+        info["held_out"] = {
+            **{k: round(v, 4) for k, v in scores.items()},
+            "f1": round(f1, 4),
+            "dir": str(args.val_images),
+        }
+        print(
+            f"train: held-out Dice {scores['dice']:.4f} IoU {scores['iou']:.4f} instance F1 {f1:.4f}"
+            f" on {len(val_pairs)} images",
             file=sys.stderr,
         )
     sha = save_checkpoint(
@@ -351,6 +420,7 @@ def _train(args: argparse.Namespace) -> int:
         class_names=class_names,
         foreground=foreground,
         info=info,
+        instances=rule.to_dict(),
         weights_dtype=args.weights_dtype,
     )
     print(f"train: wrote {args.output} (sha256 {sha}) after {result.wall_s / 60:.1f} min", file=sys.stderr)
@@ -363,14 +433,21 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     pairs = find_pairs(args.images, args.masks)
     segmenter = load_segmenter(args)
-    results = evaluate_pairs(segmenter, pairs, tile_size=args.tile_size)
-    width = max(len(name) for name, _ in results)
-    print(f"{'image':<{width}}  dice    iou")
-    for name, o in results:
-        print(f"{name:<{width}}  {o.dice:.4f}  {o.iou:.4f}")
-    s = _summary(results)
-    print(f"{'overall':<{width}}  {s['dice']:.4f}  {s['iou']:.4f}  (pooled over all pixels)")
-    print(f"{'mean':<{width}}  {s['mean_dice']:.4f}  {s['mean_iou']:.4f}  (mean over {len(results)} images)")
+    results = evaluate_instances(segmenter, pairs, tile_size=args.tile_size, min_area=args.min_area)
+    width = max(len(name) for name, _, _ in results)
+    print(f"{'image':<{width}}  dice    iou     f1@0.5")
+    for name, o, m in results:
+        print(f"{name:<{width}}  {o.dice:.4f}  {o.iou:.4f}  {m.f1:.4f}")
+    s = _summary([(name, o) for name, o, _ in results])
+    matched = sum((m for _, _, m in results), Matching(0, 0, 0))
+    print(
+        f"{'overall':<{width}}  {s['dice']:.4f}  {s['iou']:.4f}  {matched.f1:.4f}  (pooled over all pixels;"
+        f" objects: {matched.tp} matched, {matched.fp} false, {matched.fn} missed)"
+    )
+    mean_f1 = float(np.mean([m.f1 for _, _, m in results]))
+    print(
+        f"{'mean':<{width}}  {s['mean_dice']:.4f}  {s['mean_iou']:.4f}  {mean_f1:.4f}  (mean over {len(results)} images)"
+    )
     return 0
 
 
@@ -471,6 +548,13 @@ def register(sub: Any) -> None:
         "3: + a boundary class on the contact lines (foreground = nucleus + boundary)",
     )
     p.add_argument(
+        "--boundary-width",
+        type=positive_int,
+        default=1,
+        help="with --classes 3: 1 = the contact pixels of one of two touching nuclei (default); "
+        "2 = those of both (a 2-px line that one misread pixel does not break)",
+    )
+    p.add_argument(
         "--calibrate",
         action="store_true",
         help="after training, shift the background logit to the offset that maximizes Dice on the validation set",
@@ -482,9 +566,14 @@ def register(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="foreground Dice and IoU of a model on image/mask pairs")
+    p = sub.add_parser(
+        "evaluate", help="foreground Dice and IoU, and instance F1 at IoU 0.5, of a model on image/mask pairs"
+    )
     p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--masks", type=Path, required=True)
+    p.add_argument("--masks", type=Path, required=True, help="instance ids, or a binary mask (objects: components)")
     p.add_argument("--tile-size", type=positive_int, default=388)
+    p.add_argument(
+        "--min-area", type=int, default=None, metavar="PX", help="instances: as for segment (default: the checkpoint's)"
+    )
     add_model_options(p)
     p.set_defaults(func=_evaluate)

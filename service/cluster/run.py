@@ -275,7 +275,8 @@ def segment_on_cluster(
             sink = open_sink(route, target, header, local, options, source=source, into_input=into_input)
             resolved = str(Path(src).resolve())
             _segment_blocks(c, sink, source, local, grid, plans, plugin.name, resolved, options, resources, progress)
-        return Report(header, route, sum(len(p) for p in plans) * planes)
+        objects = getattr(sink, "count", None) if options.output == "instances" else None
+        return Report(header, route, sum(len(p) for p in plans) * planes, objects)
 
 
 def _segment_blocks(
@@ -299,7 +300,7 @@ def _segment_blocks(
         for i in range(math.prod(source.header.stack_shape)):
             affine = local.checkpoint.normalization.fit(source.plane(i))  # once per plane, for every block
             tasks = [
-                BlockTask(plugin, src, options.series, i, b, p, affine, options.output, writer)
+                BlockTask(plugin, src, options.series, i, b, p, affine, options.engine_output, writer)
                 for b, p in zip(grid.tiles, plans, strict=True)
             ]
             _run_plane(client, tasks, None if writer is not None else sink.plane(i, grid), progress, resources, run_id)

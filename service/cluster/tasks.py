@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tiling import ArraySink, Tile, TilePlan
+from tiling import ArraySink, Output, Tile, TilePlan
 from unet import ChannelAffine
 
 from ..errors import CorruptImageError, InputError
-from ..pipeline import Output, run_plane
+from ..pipeline import run_plane
 from .plugin import worker_state
 
 __all__ = ["BlockTask", "run_block"]

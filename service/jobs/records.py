@@ -23,15 +23,22 @@ State = Literal["queued", "running", "done", "failed", "cancelled"]
 class JobOptions:
     """What to compute; the same options as ``POST /segment``, and the result's format."""
 
-    output: Literal["labels", "probabilities"] = "labels"
+    output: Literal["labels", "probabilities", "instances"] = "labels"
     tile_size: int = 388
     pyramid: bool = False
     series: int = 0  # which image series of the file
     format: Literal["tiff", "ome-zarr"] = "tiff"  # ome-zarr: an OME-Zarr store, downloaded as a zip
+    min_area: int | None = None  # instances: drop smaller objects (None: the checkpoint's minimum)
 
     @property
     def pipeline(self) -> Options:
-        return Options(output=self.output, tile_size=self.tile_size, pyramid=self.pyramid, series=self.series)
+        return Options(
+            output=self.output,
+            tile_size=self.tile_size,
+            pyramid=self.pyramid,
+            series=self.series,
+            min_area=self.min_area,
+        )
 
 
 @dataclass
@@ -54,6 +61,7 @@ class JobRecord:
     input_bytes: int = 0
     result_bytes: int = 0
     attempts: int = 0
+    objects: int | None = None  # instances: how many were found
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,5 +113,8 @@ class JobRecord:
             "error": self.error,
             "result_url": f"/jobs/{self.id}/result" if self.state == "done" else None,
             "result_bytes": self.result_bytes if self.state == "done" else None,
+            "objects": self.objects if self.state == "done" else None,
+            "table_url": f"/jobs/{self.id}/table" if self.state == "done" and self.objects is not None else None,
+            "geojson_url": f"/jobs/{self.id}/geojson" if self.state == "done" and self.objects is not None else None,
             "expires": self.expires(ttl_s),
         }

@@ -60,7 +60,8 @@ class JobStore:
     STATE, INPUT = "job.json", "input.tif"
     RESULTS: ClassVar[dict[str, str]] = {"tiff": "result.tif", "ome-zarr": "result.ome.zarr.zip"}
     STORE = "result.ome.zarr"  # an OME-Zarr result before it is zipped
-    PARTIALS = (".*.part", ".level*.raw")  # what the atomic writers leave if the process dies mid-write
+    TABLE, GEOJSON = "objects.csv", "objects.geojson"  # beside an instances result
+    PARTIALS = (".*.part", ".level*.raw", ".instances*.spool")  # what the writers leave if the process dies mid-write
 
     def __init__(self, root: str | os.PathLike[str], *, ttl_s: float = 86400.0, quota_bytes: int = 20 << 30) -> None:
         self.root = Path(root)
@@ -95,6 +96,12 @@ class JobStore:
 
     def result_path(self, job_id: str, format: str = "tiff") -> Path:
         return self.dir(job_id) / self.RESULTS[format]
+
+    def table_path(self, job_id: str) -> Path:
+        return self.dir(job_id) / self.TABLE
+
+    def geojson_path(self, job_id: str) -> Path:
+        return self.dir(job_id) / self.GEOJSON
 
     # records
     def create_dir(self) -> str:
@@ -209,7 +216,7 @@ class JobStore:
                 uploads += 1
                 continue
             files += self.remove_partials(d.name)
-            for name in self.RESULTS.values():
+            for name in (*self.RESULTS.values(), self.TABLE, self.GEOJSON):
                 result = d / name
                 if result.exists():
                     with contextlib.suppress(JobNotFoundError, ValueError, TypeError, KeyError):

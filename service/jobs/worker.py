@@ -12,14 +12,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterError, JobError, JobNotFoundError, JobsOffError, is_storage_full, storage_error
 from ..io import ImageHeader
 from ..paths import default_checkpoint
-from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Route, segment_file
+from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Report, Route, segment_file
 from ..segmenter import Segmenter
 from ..settings import Settings
 from .records import JobRecord, State
@@ -126,6 +126,7 @@ class JobWorker:
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._cancel: set[str] = set()
+        self._objects: dict[str, int] = {}  # instances found by a run that has not been recorded yet
         self._claim_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._lock_file: Any = None
@@ -278,21 +279,31 @@ class JobWorker:
                 self._finish(job_id, "failed", error="internal error while segmenting", tiles_done=done)
         else:
             size = store.result_path(job_id, record.options.format).stat().st_size
-            self._finish(job_id, "done", tiles_done=done, result_bytes=size)
+            self._finish(job_id, "done", tiles_done=done, result_bytes=size, objects=self._objects.pop(job_id, None))
             log.info("job %s done", job_id)
         finally:
             self._cancel.discard(job_id)
 
     def _finish(
-        self, job_id: str, state: State, *, tiles_done: int, error: str | None = None, result_bytes: int = 0
+        self,
+        job_id: str,
+        state: State,
+        *,
+        tiles_done: int,
+        error: str | None = None,
+        result_bytes: int = 0,
+        objects: int | None = None,
     ) -> None:
+        self._objects.pop(job_id, None)
+
         def change(r: JobRecord) -> None:
-            r.state, r.finished, r.tiles_done, r.error, r.result_bytes = (
+            r.state, r.finished, r.tiles_done, r.error, r.result_bytes, r.objects = (
                 state,
                 time.time(),
                 tiles_done,
                 error,
                 result_bytes,
+                objects,
             )
 
         # the upload goes first, so a client that sees the final state never finds it still on disk
@@ -312,18 +323,27 @@ class JobWorker:
 
     def _segment_to_result(self, record: JobRecord, progress: Callable[[int], None]) -> None:
         src, opts = self.store.input_path(record.id), record.options
+        pipeline = opts.pipeline
+        if opts.output == "instances":  # the table and the shapes beside the image
+            pipeline = replace(
+                pipeline, table=self.store.table_path(record.id), geojson=self.store.geojson_path(record.id)
+            )
         if self.cluster is None:
             route = Route.from_json(record.route) if record.route else None  # decided at admission
 
             def run(dst: Path) -> None:
-                segment_file(
-                    self.segmenter, src, dst, opts.pipeline, route=route, max_pixels=self.max_pixels, progress=progress
+                report = segment_file(
+                    self.segmenter, src, dst, pipeline, route=route, max_pixels=self.max_pixels, progress=progress
                 )
+                if report.objects is not None:
+                    self._objects[record.id] = report.objects
 
         else:
 
             def run(dst: Path) -> None:
-                self._on_cluster(record, src, dst, progress)
+                report = self._on_cluster(record, src, dst, pipeline, progress)
+                if report.objects is not None:
+                    self._objects[record.id] = report.objects
 
         if opts.format == "ome-zarr":
             store = self.store.dir(record.id) / self.store.STORE
@@ -336,7 +356,9 @@ class JobWorker:
         run(self.store.result_path(record.id))
 
     # on a Dask cluster
-    def _on_cluster(self, record: JobRecord, src: Path, dst: Path, progress: Callable[[int], None]) -> None:
+    def _on_cluster(
+        self, record: JobRecord, src: Path, dst: Path, pipeline: Options, progress: Callable[[int], None]
+    ) -> Report:
         from ..cluster import segment_on_cluster  # noqa: PLC0415  (the optional dask extra; start_jobs checked it)
 
         cluster = self.cluster
@@ -354,12 +376,12 @@ class JobWorker:
 
         client = self._cluster_client()
         try:
-            segment_on_cluster(
+            return segment_on_cluster(
                 client,
                 cluster.checkpoint,
                 src.resolve(),  # the workers' working directory is not this process's
                 dst.resolve(),
-                record.options.pipeline,
+                pipeline,
                 device=cluster.device,
                 precision=cluster.precision,
                 batch_size=cluster.batch_size,

@@ -7,7 +7,7 @@ import itertools
 import logging
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ class OmeZarrSink:
         scale: Mapping[str, float] | None = None,
         chunks: int = 256,
         background: int = 0,
+        instances: bool = False,
     ) -> None:
         if not _LABEL_NAME.fullmatch(name):
             raise UnsupportedImageError(
@@ -100,6 +101,8 @@ class OmeZarrSink:
             raise ValueError("a new OME-Zarr store needs the image to copy (image=, of the header's shape)")
         self.header, self.name, self.image = header, name, image if into is None else None
         self.class_names, self.background, self.chunks = list(class_names), background, chunks
+        self.instances = instances  # uint32 object ids (no class colours) instead of uint8 class ids
+        self.label_dtype = np.dtype(np.uint32 if instances else np.uint8)
         self.planes = plane_count(header)
         self.done: set[int] = set()
         self.image_arrays: list[Any] = []
@@ -228,10 +231,12 @@ class OmeZarrSink:
 
     def _label_group(self, group: Any) -> None:
         """The label arrays and their multiscales in ``group`` (``image-label`` comes with the listing)."""
-        self.label_arrays = self._create_levels(group, True, np.uint8)
+        self.label_arrays = self._create_levels(group, True, self.label_dtype)
         self._write_multiscales(group, True, self.name, "nearest neighbour: every f-th pixel of level 0")
 
     def _image_label(self) -> dict[str, Any]:
+        if self.instances:  # one value per object: viewers colour them themselves
+            return {"source": {"image": "../../"}}
         colors, properties, n = [], [], 0
         for k, class_name in enumerate(self.class_names):
             rgba = [0, 0, 0, 0]
@@ -286,7 +291,17 @@ class OmeZarrSink:
             raise ValueError(f"plane {index} is outside 0..{self.planes - 1} or already written")
         if tuple(plan.image_shape) != (self.header.height, self.header.width):
             raise ValueError(f"plan of {plan.image_shape} for an image of {(self.header.height, self.header.width)}")
-        return BandSink(plan, np.uint8, _PlaneWriter(self, index).on_band)
+        return BandSink(plan, self.label_dtype, self.band_writer(index, self.label_dtype))
+
+    def band_writer(self, index: int, dtype: npt.DTypeLike) -> Callable[[npt.NDArray[Any], int], None]:
+        """Where plane ``index``'s whole-width bands go, in order (what :meth:`plane` feeds)."""
+        if np.dtype(dtype) != self.label_dtype:
+            raise ValueError(f"these labels hold {self.label_dtype}, not {np.dtype(dtype)}")
+        if self._closed:
+            raise RuntimeError("the OME-Zarr output was already finished or aborted")
+        if not 0 <= index < self.planes or index in self.done:
+            raise ValueError(f"plane {index} is outside 0..{self.planes - 1} or already written")
+        return _PlaneWriter(self, index).on_band
 
     def block_writer(self, block: tuple[int, int], grid: tuple[int, int]) -> BlockWriter:
         """What tasks write blocks of ``block`` = (rows, cols) pixels on a ``grid`` of blocks

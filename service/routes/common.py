@@ -23,7 +23,9 @@ __all__ = [
     "JobOptionsView",
     "JobProgress",
     "JobView",
+    "MinAreaQuery",
     "OutputQuery",
+    "SegmentOutputQuery",
     "SeriesQuery",
     "TileSizeQuery",
     "error_responses",
@@ -62,10 +64,11 @@ class JobProgress(BaseModel):
 
 
 class JobOptionsView(BaseModel):
-    output: Literal["labels", "probabilities"]
+    output: Literal["labels", "probabilities", "instances"]
     tile_size: int
     pyramid: bool
     series: int = Field(default=0, ge=0, description="the image series segmented")
+    min_area: int | None = Field(default=None, description="instances: the minimum object size asked for (px)")
 
 
 class JobView(BaseModel):
@@ -90,6 +93,9 @@ class JobView(BaseModel):
     error: str | None = Field(description="why the job failed, when it did")
     result_url: str | None = Field(description="set once the state is done")
     result_bytes: int | None
+    objects: int | None = Field(description="instances: how many objects were found (set once done)")
+    table_url: str | None = Field(description="instances: the measurement table (CSV), once done")
+    geojson_url: str | None = Field(description="instances: the objects' outlines (GeoJSON for QuPath), once done")
     expires: float | None = Field(description="Unix time the job and its result are deleted (UNET_JOBS_TTL_S)")
 
 
@@ -143,7 +149,22 @@ def error_responses(*statuses: int | tuple[int, str]) -> dict[int | str, dict[st
 
 
 OutputQuery = Annotated[
-    Literal["labels", "probabilities"], Query(description="uint8 class ids or float32 per-class probabilities")
+    Literal["labels", "probabilities", "instances"],
+    Query(
+        description="uint8 class ids, float32 per-class probabilities, or uint32 instances (0 = background,"
+        " 1..N = objects; jobs also keep their measurement table and GeoJSON outlines)"
+    ),
+]
+SegmentOutputQuery = Annotated[
+    Literal["labels", "probabilities", "instances", "table", "geojson"],
+    Query(
+        description="uint8 class ids, float32 per-class probabilities, uint32 instances (0 = background, 1..N ="
+        " objects), or the instances' measurement table (CSV) or outlines (GeoJSON that QuPath imports)"
+    ),
+]
+MinAreaQuery = Annotated[
+    int | None,
+    Query(ge=0, description="instances: drop objects smaller than this many pixels (default: the model's minimum)"),
 ]
 # The schema lists the sizes this model and UNET_MAX_TILE_SIZE allow (an enum added by routes.docs once the
 # model is loaded); validation stays in the route, whose 422 names the nearest valid sizes.

@@ -26,7 +26,14 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from ..admission import admit
 from ..deps import SegmenterDep, SettingsDep
-from ..errors import JobNotReadyError, JobsOffError, QuotaExceededError, UnsupportedImageError, storage_error
+from ..errors import (
+    JobNotReadyError,
+    JobsOffError,
+    OptionError,
+    QuotaExceededError,
+    UnsupportedImageError,
+    storage_error,
+)
 from ..http_errors import UnavailableError
 from ..jobs import JOB_ID_PATTERN, JobOptions, JobRecord, JobWorker
 from ..pipeline import choose_route
@@ -34,9 +41,19 @@ from ..segmenter import Segmenter
 from ..settings import Settings
 from ..sources import TiffSource
 from ..upload import Spool, copy_body
-from .common import TIFF, UPLOAD_DOC, JobView, OutputQuery, SeriesQuery, TileSizeQuery, error_responses, header
+from .common import (
+    TIFF,
+    UPLOAD_DOC,
+    JobView,
+    MinAreaQuery,
+    OutputQuery,
+    SeriesQuery,
+    TileSizeQuery,
+    error_responses,
+    header,
+)
 
-__all__ = ["delete_job", "job_result", "job_status", "router", "submit_job"]
+__all__ = ["delete_job", "job_geojson", "job_result", "job_status", "job_table", "router", "submit_job"]
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +219,7 @@ async def submit_job(
         Literal["tiff", "ome-zarr"],
         Query(description="the result: a TIFF, or an OME-Zarr store (labels; downloaded as a zip of the store)"),
     ] = "tiff",
+    min_area: MinAreaQuery = None,
 ) -> JSONResponse:
     """Queue the uploaded TIFF as a job: 202 with its id and URL.
 
@@ -211,7 +229,11 @@ async def submit_job(
     """
     worker = _worker(request)
     store = worker.store
-    options = JobOptions(output=output, tile_size=tile_size, pyramid=pyramid, series=series, format=format)
+    if min_area is not None and output != "instances":
+        raise OptionError("min_area applies to output=instances")
+    options = JobOptions(
+        output=output, tile_size=tile_size, pyramid=pyramid, series=series, format=format, min_area=min_area
+    )
     used = await anyio.to_thread.run_sync(store.usage_bytes)
     declared = request.headers.get("content-length", "")
     if declared.isdigit():  # refuse before reading a byte (curl waits on 100-continue)
@@ -271,13 +293,7 @@ async def job_status(request: Request, job_id: JobId) -> dict[str, Any]:
 async def job_result(request: Request, job_id: JobId) -> FileResponse:
     worker = _worker(request)
     record = await anyio.to_thread.run_sync(worker.store.load, job_id)
-    if record.state != "done":
-        detail = f"job is {record.state}"
-        if record.state in ("queued", "running"):
-            detail += f" ({record.tiles_done}/{record.tiles_total} tiles); poll /jobs/{job_id} until state is done"
-        elif record.error:
-            detail += f": {record.error}"
-        raise JobNotReadyError(detail)
+    _check_done(record)
     fmt = record.options.format
     if fmt == "ome-zarr":
         name, media_type = "mask.ome.zarr.zip", "application/zip"
@@ -292,6 +308,71 @@ async def job_result(request: Request, job_id: JobId) -> FileResponse:
             "X-Image-Shape": "x".join(map(str, record.image.get("shape", []))),
         },
     )
+
+
+def _check_done(record: JobRecord) -> None:
+    if record.state != "done":
+        detail = f"job is {record.state}"
+        if record.state in ("queued", "running"):
+            detail += f" ({record.tiles_done}/{record.tiles_total} tiles); poll /jobs/{record.id} until state is done"
+        elif record.error:
+            detail += f": {record.error}"
+        raise JobNotReadyError(detail)
+
+
+def _side_file(request: Request, job_id: str, which: Literal["table", "geojson"]) -> FileResponse:
+    worker = _worker(request)
+    record = worker.store.load(job_id)
+    _check_done(record)
+    if record.options.output != "instances":
+        raise JobNotReadyError(f"job {job_id} made {record.options.output}: a {which} comes with output=instances")
+    if which == "table":
+        path, media, name = worker.store.table_path(job_id), "text/csv", "objects.csv"
+    else:
+        path, media, name = worker.store.geojson_path(job_id), "application/geo+json", "objects.geojson"
+    return FileResponse(path, media_type=media, filename=name, headers={"X-Object-Count": str(record.objects or 0)})
+
+
+_SIDE_HEADERS = {
+    "X-Object-Count": header("objects found", {"type": "integer", "minimum": 0}),
+    "Content-Disposition": header('`attachment; filename="objects.csv"` (or `objects.geojson`)'),
+}
+
+
+@router.get(
+    "/{job_id}/table",
+    response_class=FileResponse,
+    summary="Download the measurement table of a finished instances job",
+    responses={
+        200: {
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+            "description": "one row per object: id, area, centroid, bounding box, intensities (see the README)",
+            "headers": _SIDE_HEADERS,
+        },
+        **_BY_ID_ERRORS,
+        **error_responses((409, "the job has no table: not done yet, failed, cancelled, or not output=instances")),
+    },
+)
+async def job_table(request: Request, job_id: JobId) -> FileResponse:
+    return await anyio.to_thread.run_sync(_side_file, request, job_id, "table")
+
+
+@router.get(
+    "/{job_id}/geojson",
+    response_class=FileResponse,
+    summary="Download the object outlines of a finished instances job (GeoJSON for QuPath)",
+    responses={
+        200: {
+            "content": {"application/geo+json": {"schema": {"type": "object"}}},
+            "description": "a FeatureCollection: one polygon per object, QuPath detections, full-resolution pixels",
+            "headers": _SIDE_HEADERS,
+        },
+        **_BY_ID_ERRORS,
+        **error_responses((409, "the job has no outlines: not done yet, failed, cancelled, or not output=instances")),
+    },
+)
+async def job_geojson(request: Request, job_id: JobId) -> FileResponse:
+    return await anyio.to_thread.run_sync(_side_file, request, job_id, "geojson")
 
 
 @router.delete(

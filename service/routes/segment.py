@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,10 @@ from starlette.types import Receive, Scope, Send
 
 from ..admission import Admitted, admit
 from ..deps import SegmenterDep, SettingsDep, StateDep
-from ..errors import UnsupportedImageError
+from ..errors import OptionError, UnsupportedImageError
 from ..http_errors import ClientDisconnectedError, TimeLimitError
 from ..metrics import Metrics
-from ..pipeline import Options, Route, choose_route, open_sink
+from ..pipeline import Options, Output, Route, choose_route, open_sink
 from ..pipeline import segment as run_pipeline
 from ..segmenter import Segmenter
 from ..settings import Settings
@@ -29,7 +29,16 @@ from ..sinks import MemorySink
 from ..slots import Deadline, run_guarded
 from ..sources import TiffSource
 from ..upload import Spool, receive_upload
-from .common import TIFF, UPLOAD_DOC, OutputQuery, SeriesQuery, TileSizeQuery, error_responses, header
+from .common import (
+    TIFF,
+    UPLOAD_DOC,
+    MinAreaQuery,
+    SegmentOutputQuery,
+    SeriesQuery,
+    TileSizeQuery,
+    error_responses,
+    header,
+)
 
 __all__ = ["router", "segment"]
 
@@ -39,9 +48,14 @@ router = APIRouter(tags=["segment"])
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "content": TIFF,
-        "description": "the mask (uint8 labels) or the float32 probabilities as a compressed TIFF with the input's"
-        " height, width, stack axes and resolution",
+        "content": {
+            **TIFF,
+            "text/csv": {"schema": {"type": "string"}},
+            "application/geo+json": {"schema": {"type": "object"}},
+        },
+        "description": "the mask (uint8 labels), the float32 probabilities or the uint32 instances as a compressed"
+        " TIFF with the input's height, width, stack axes and resolution; output=table: one CSV row per object;"
+        " output=geojson: a FeatureCollection, one polygon per object",
         "headers": {
             "X-Model-SHA256": header(
                 "sha256 of the checkpoint served", {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -51,6 +65,11 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             "X-Image-Axes": header("the input's axes, e.g. `ZYX`"),
             "X-Series": header("the series segmented / how many the file holds, e.g. `0/2`"),
             "Server-Timing": header("queue, decode, infer and encode durations in ms"),
+            "X-Object-Count": header(
+                "output=instances, table or geojson: the objects found",
+                {"type": "integer", "minimum": 0},
+                required=False,
+            ),
             "Content-Disposition": header('`attachment; filename="mask.tif"`'),
         },
     },
@@ -84,9 +103,10 @@ async def segment(
     state: StateDep,
     settings: SettingsDep,
     segmenter: SegmenterDep,
-    output: OutputQuery = "labels",
+    output: SegmentOutputQuery = "labels",
     tile_size: TileSizeQuery = 388,
     series: SeriesQuery = 0,
+    min_area: MinAreaQuery = None,
 ) -> Response:
     """Segment the uploaded TIFF; the answer has the input's height, width and stack axes.
 
@@ -100,13 +120,17 @@ async def segment(
     slots, metrics = state.slots, state.metrics
     start = time.monotonic()
     deadline = Deadline(start + settings.request_timeout_s, settings.request_timeout_s)
-    options = Options(output=output, tile_size=tile_size, series=series)
+    side = output if output in ("table", "geojson") else None
+    kind: Output = "instances" if output in ("table", "geojson") else output  # type: ignore[assignment]
+    options = Options(output=kind, tile_size=tile_size, series=series, min_area=min_area)
+    if min_area is not None and options.output != "instances":
+        raise OptionError("min_area applies to output=instances, table or geojson")
     slots.admit()  # 503 before reading a byte of an upload we cannot serve
     outcome = "error"
     try:
         spool = await receive_upload(request, settings, deadline.at)
         try:
-            run = await anyio.to_thread.run_sync(lambda: _Run.open(spool, segmenter, settings, options))
+            run = await anyio.to_thread.run_sync(lambda: _Run.open(spool, segmenter, settings, options, side))
             try:
                 queued_at = time.monotonic()
                 await slots.acquire(_queue_watch(request, deadline))
@@ -144,6 +168,12 @@ async def segment(
         "X-Series": f"{head.series}/{head.series_count}",
         "Server-Timing": timing,
     }
+    if run.objects is not None:
+        headers["X-Object-Count"] = str(run.objects)
+    if side is not None:
+        assert isinstance(answer, Path)
+        media, name = ("text/csv", "objects.csv") if side == "table" else ("application/geo+json", "objects.geojson")
+        return _TemporaryFileResponse(answer, media_type=media, filename=name, headers=headers)
     if isinstance(answer, Path):
         return _TemporaryFileResponse(answer, media_type="image/tiff", filename="mask.tif", headers=headers)
     headers["Content-Disposition"] = 'attachment; filename="mask.tif"'
@@ -169,10 +199,14 @@ class _Run:
     route: Route
     options: Options
     spool_dir: str
+    side: str | None = None  # "table" or "geojson": answer that, not the image
     timings: dict[str, float] = field(default_factory=dict)
+    objects: int | None = None
 
     @classmethod
-    def open(cls, spool: Spool, segmenter: Segmenter, settings: Settings, options: Options) -> _Run:
+    def open(
+        cls, spool: Spool, segmenter: Segmenter, settings: Settings, options: Options, side: str | None = None
+    ) -> _Run:
         """Parse the upload once and hold it to every limit (no pixel decoded)."""
         upload = spool.file()  # flushed: a spool on disk is then read through its path (memory maps)
         source = TiffSource(spool.path or upload, max_pixels=settings.max_pixels, series=options.series)
@@ -191,7 +225,7 @@ class _Run:
             source.close()
             raise
         directory = os.path.dirname(spool.path) if spool.path else str(settings.spool_dir or tempfile.gettempdir())
-        return cls(source, admitted, route, options, directory)
+        return cls(source, admitted, route, options, directory, side)
 
     def work(self, segmenter: Segmenter, deadline: Deadline, metrics: Metrics) -> bytes | Path:
         """Decode (or open windowed), segment and encode on a worker thread; stops at the next
@@ -213,23 +247,39 @@ class _Run:
             metrics.tiles.inc(n)
             deadline.check()
 
-        target = None
+        target = side = None
+        options = self.options
         if route.write != "memory":
-            fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="unet-result-", suffix=".tif")
-            os.close(fd)
-            target = Path(name)
+            target = self._temporary(".tif")
         try:
-            sink = open_sink(route, target, self.source.header, segmenter, self.options)
-            run_pipeline(segmenter, self.source, sink, self.options, progress)
+            if self.side is not None:  # the image is made (in memory, or a file deleted after), the side file answered
+                side = self._temporary(".csv" if self.side == "table" else ".geojson")
+                options = replace(options, table=side) if self.side == "table" else replace(options, geojson=side)
+            sink = open_sink(route, target, self.source.header, segmenter, options, source=self.source)
+            run_pipeline(segmenter, self.source, sink, options, progress)
             deadline.check()
             t2 = time.perf_counter()
-            answer: bytes | Path = sink.encode() if isinstance(sink, MemorySink) else target  # type: ignore[assignment]
+            self.objects = getattr(sink, "count", None) if options.output == "instances" else None
+            image = getattr(sink, "inner", sink)
+            answer: bytes | Path
+            if side is not None:
+                answer = side
+                if target is not None:
+                    target.unlink(missing_ok=True)
+            else:
+                answer = image.encode() if isinstance(image, MemorySink) else target  # type: ignore[assignment]
         except BaseException:
-            if target is not None:
-                target.unlink(missing_ok=True)
+            for path in (target, side):
+                if path is not None:
+                    path.unlink(missing_ok=True)
             raise
         self.timings.update(decode=t1 - t0, infer=t2 - t1, encode=time.perf_counter() - t2)
         return answer
+
+    def _temporary(self, suffix: str) -> Path:
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="unet-result-", suffix=suffix)
+        os.close(fd)
+        return Path(name)
 
 
 def _queue_watch(request: Request, deadline: Deadline) -> Callable[[], Awaitable[None]]:

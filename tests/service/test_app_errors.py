@@ -183,7 +183,7 @@ ERRORS: list[tuple[str, Callable[[Callable[..., bytes]], bytes], dict[str, Any],
         lambda t: t(np.zeros((64, 64), np.uint8)),
         {"output": "edges"},
         422,
-        "output: Input should be 'labels' or 'probabilities'",
+        "output: Input should be 'labels', 'probabilities', 'instances', 'table' or 'geojson'",
     ),
 ]
 

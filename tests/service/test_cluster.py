@@ -27,6 +27,7 @@ import pytest
 import tifffile
 import zarr
 from distributed import Client, LocalCluster
+from scipy import ndimage
 
 import service.cluster
 import service.omezarr.sink
@@ -206,6 +207,34 @@ def test_probabilities_tiff_on_the_cluster(tmp_path: Path, client: Client, check
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(out.argmax(0), ref.argmax(0))
     assert_both_classes(ref.argmax(0))
+
+
+@pytest.mark.parametrize("dst_kind", ["tif", "zarr0.4"])
+def test_instances_on_the_cluster_equal_one_machine(
+    tmp_path: Path, client: Client, checkpoint: Path, dst_kind: str
+) -> None:
+    """Blocks give the class labels; the client joins objects over block and band seams."""
+    smooth = ndimage.gaussian_filter(make_image((1000, 1300), "uint8", seed=5).astype(np.float32), 3)
+    src = write_input(tmp_path / "img", smooth.astype(np.float32), "tif")
+    paths = {}
+    for name in ("ref", "out"):
+        d = tmp_path / name
+        d.mkdir()
+        options = out_options(dst_kind, output="instances", table=d / "t.csv", geojson=d / "s.geojson")
+        paths[name] = (output_path(d, dst_kind), options)
+    want, want_options = paths["ref"]
+    got, got_options = paths["out"]
+    ref = reference(checkpoint, src, want, want_options)
+    report = segment_on_cluster(client, checkpoint, src, got, got_options, block=768, **CPU)
+    assert report.objects == ref.objects and ref.objects is not None and ref.objects > 10
+    assert got is not None and want is not None
+    if dst_kind == "tif":
+        np.testing.assert_array_equal(tifffile.imread(got), tifffile.imread(want))
+    else:
+        assert_same_store(got, want)
+    for name in ("t.csv", "s.geojson"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert_only(tmp_path / "out", got.name, "t.csv", "s.geojson")
 
 
 # --- a worker dies ------------------------------------------------------------------------

@@ -151,6 +151,8 @@ DOCUMENTED = {
     "GET /jobs/{job_id}": {200, 401, 404, 422, 503},
     "DELETE /jobs/{job_id}": {200, 202, 204, 401, 404, 422, 503, 507},
     "GET /jobs/{job_id}/result": {200, 401, 404, 409, 422, 503},
+    "GET /jobs/{job_id}/table": {200, 401, 404, 409, 422, 503},
+    "GET /jobs/{job_id}/geojson": {200, 401, 404, 409, 422, 503},
 }
 
 
@@ -192,15 +194,23 @@ def test_upload_routes_document_the_bodies_and_options_the_app_takes() -> None:
         assert set(body["content"]) == {"image/tiff", "application/octet-stream", "multipart/form-data"}
         assert body["content"]["multipart/form-data"]["schema"]["required"] == ["file"]
         params = {p["name"]: p["schema"] for p in op["parameters"]}
-        assert params["output"]["enum"] == ["labels", "probabilities"]
+        outputs = ["labels", "probabilities", "instances"] + (["table", "geojson"] if path == "/segment" else [])
+        assert params["output"]["enum"] == outputs
         assert params["tile_size"]["type"] == "integer"
-    assert {p["name"]: p["schema"]["type"] for p in spec["paths"]["/jobs"]["post"]["parameters"]}[
+    assert {p["name"]: p["schema"].get("type") for p in spec["paths"]["/jobs"]["post"]["parameters"]}[
         "pyramid"
     ] == "boolean"
     assert spec["paths"]["/jobs"]["post"]["responses"]["202"]["headers"]["Location"]["required"] is True
     assert spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"] == {
         "text/plain": {"schema": {"type": "string"}}
     }
-    assert set(spec["paths"]["/segment"]["post"]["responses"]["200"]["content"]) == {"image/tiff"}
+    segmented = set(spec["paths"]["/segment"]["post"]["responses"]["200"]["content"])
+    assert segmented == {
+        "image/tiff",
+        "text/csv",
+        "application/geo+json",
+    }  # an image, or the instances' table or shapes
+    for side, media in (("table", "text/csv"), ("geojson", "application/geo+json")):
+        assert set(spec["paths"][f"/jobs/{{job_id}}/{side}"]["get"]["responses"]["200"]["content"]) == {media}
     result = spec["paths"]["/jobs/{job_id}/result"]["get"]["responses"]["200"]["content"]
     assert set(result) == {"image/tiff", "application/zip"}  # a TIFF, or with format=ome-zarr a zip of the store

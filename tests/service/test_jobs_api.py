@@ -145,7 +145,7 @@ def test_bad_uploads_leave_nothing_behind(server: Server, jobs_dir: Path) -> Non
     r = server.post("/jobs", params={"tile_size": 50}, content=tiff(image((40, 40))))
     assert r.status_code == 422 and "tile_size" in r.json()["detail"]
     r = server.post("/jobs", params={"pyramid": "true", "output": "probabilities"}, content=tiff(image((40, 40))))
-    assert r.status_code == 400 and "pyramid" in r.json()["detail"]
+    assert r.status_code == 422 and "pyramid" in r.json()["detail"]  # options that do not go together
     stack = tiff(np.stack([image((40, 40)), image((40, 40))]), metadata={"axes": "ZYX"}, photometric="minisblack")
     r = server.post("/jobs", params={"pyramid": "true"}, content=stack)
     assert r.status_code == 422 and "single 2-D image" in r.json()["detail"]

@@ -221,7 +221,7 @@ def test_the_route_is_decided_once_from_the_header(inputs: dict[str, Path]) -> N
     assert choose_route(header, Options(pyramid=True)).write == "pyramid-tiff"
     assert choose_route(header, Options(), zarr_out=True).write == "ome-zarr"
     assert choose_route(header, Options(), zarr_in=True).read == "windowed"  # an OME-Zarr is never read whole
-    with pytest.raises(InputError, match="OME-Zarr labels hold class ids"):
+    with pytest.raises(InputError, match="OME-Zarr labels hold ids"):
         choose_route(header, Options(output="probabilities"), zarr_out=True)
 
 

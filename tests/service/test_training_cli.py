@@ -78,11 +78,19 @@ def test_train_then_evaluate(dataset: Path, tmp_path: Path, capsys: pytest.Captu
     capsys.readouterr()
     assert main(["evaluate", "--images", imgs, "--masks", masks, "--checkpoint", str(out), "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["image", "dice", "iou"]
+    assert lines[0].split() == ["image", "dice", "iou", "f1@0.5"]
     assert [line.split()[0] for line in lines[1:4]] == ["synth_0000", "synth_0001", "synth_0002"]
     overall = lines[4].split()
     assert overall[0] == "overall"
     assert float(overall[1]) == pytest.approx(info["held_out"]["dice"], abs=1e-4)  # same engine, same numbers
+    assert float(overall[3]) == pytest.approx(info["held_out"]["f1"], abs=1e-4)
+    assert unet.load_checkpoint(out).instances == {  # the rule instances of this model follow: components
+        "seeds": [1],
+        "grow": [],
+        "min_area": 0,
+        "grow_px": 4,
+        "fill_holes": True,
+    }
 
 
 def _threshold_checkpoint(path: Path) -> Path:
@@ -117,7 +125,7 @@ def test_evaluate_scores_a_perfect_model_as_one(tmp_path: Path, capsys: pytest.C
     assert main([*argv, "--checkpoint", str(checkpoint), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "overall" in out
-    assert out.splitlines()[1].split() == ["a", "1.0000", "1.0000"]
+    assert out.splitlines()[1].split() == ["a", "1.0000", "1.0000", "1.0000"]  # both objects found, whole
 
 
 def test_calibration_picks_the_offset_that_finds_dim_objects(tmp_path: Path) -> None:
@@ -155,7 +163,7 @@ def test_train_three_classes_with_calibration(
     assert main([*argv, "--calibrate"]) == 2
     assert "--calibrate needs a validation set" in _error_line(capsys)
     assert not out.exists()
-    extra = ["--dice", "0.5", "--loader-threads", "1", "--device", "cpu"]
+    extra = ["--dice", "0.5", "--loader-threads", "1", "--device", "cpu", "--boundary-width", "2"]
     assert main([*argv, *extra, "--calibrate", "--val-images", imgs, "--val-masks", masks]) == 0
     ck = unet.load_checkpoint(out)
     assert ck.config.num_classes == 3
@@ -163,9 +171,20 @@ def test_train_three_classes_with_calibration(
     info = ck.info
     assert "--classes 3" in info["command"] and info["command"].endswith("--calibrate")
     assert "--device cpu" in info["command"] and "--dice 0.5" in info["command"] and info["train"]["dice"] == 0.5
+    assert "--boundary-width 2" in info["command"]
     assert info["calibration"]["background_logit_offset"] in [round(0.1 * i, 1) for i in range(-20, 11)]
     # calibrated on the validation set: it can only have helped there (fp16 storage aside)
     assert info["held_out"]["dice"] >= info["calibration"]["dice_before"] - 1e-3
+    # and the instances' minimum area: the best of those tried, recorded in the rule
+    f1_at = info["calibration"]["instance_f1"]
+    assert ck.instances is not None and ck.instances["min_area"] == info["calibration"]["min_area"]
+    assert ck.instances["seeds"] == [1] and ck.instances["grow"] == [2]
+    assert f1_at[str(ck.instances["min_area"])] == max(f1_at.values())
+    assert info["held_out"]["f1"] == pytest.approx(f1_at[str(ck.instances["min_area"])], abs=0.02)  # fp16 storage
+    # --boundary-width 2 is refused with 2 classes
+    capsys.readouterr()
+    assert main([*argv[:-2], "--boundary-width", "2", "--classes", "2"]) == 2
+    assert "--boundary-width 2: needs --classes 3" in _error_line(capsys)
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:

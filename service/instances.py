@@ -1,0 +1,409 @@
+"""``output=instances``: every object its own id, a measurement table and QuPath shapes.
+
+:class:`InstanceSink` is a :class:`~service.sinks.Sink` around the sink that writes the
+uint32 instance image (in memory, a streamed TIFF, OME-Zarr). Per plane:
+
+1. the engine's class labels arrive band by band into a :class:`tiling.InstanceLabeller`
+   (the rule of :mod:`tiling.instances`), which spools provisional ids (zlib-compressed in a
+   temporary file beside the output on streamed routes);
+2. once the plane is complete, the final ids are written band by band to the inner sink,
+   and each band's objects are measured against the input's rows (read again from the
+   source, one band at a time);
+3. with a GeoJSON output, each object's outline is traced from its bounding box (read from
+   the spool), objects in order of their top row.
+
+Memory stays O(band x width) plus a record per object. Table and GeoJSON are written to
+temporary files and renamed at :meth:`InstanceSink.finish`; :meth:`InstanceSink.abort`
+leaves nothing behind.
+
+Table columns (:data:`COLUMNS`; ``plane`` first for stacks; per channel ``_c<k>`` suffixes
+on the intensity columns for multi-channel images):
+
+- ``id``: the object's value in the instance image;
+- ``area_px``; ``area_um2`` when the input has a pixel size;
+- ``centroid_y``, ``centroid_x``: mean row and column of its pixels (pixel (r, c) at r, c,
+  as :func:`scipy.ndimage.center_of_mass`);
+- ``bbox_y0``, ``bbox_x0``, ``bbox_y1``, ``bbox_x1``: its bounding box, ends exclusive;
+- ``mean_intensity``, ``max_intensity``, ``integrated_intensity``: the raw input values
+  under the object (the sum for ``integrated``), before any normalization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from tiling import BandSink, TilePlan, TileSink
+from tiling.instances import InstanceLabeller, InstanceRule, Relabel, Spool
+from unet import Checkpoint, CheckpointError
+from unet.atomic import atomic_path
+
+from .errors import InputError, OptionError
+from .io import ImageHeader
+from .shapes import GeoJsonWriter, feature
+from .sinks import ImageSink
+
+__all__ = [
+    "COLUMNS",
+    "InstanceSink",
+    "TableWriter",
+    "instance_rule",
+]
+
+COLUMNS = (
+    "id",
+    "area_px",
+    "area_um2",
+    "centroid_y",
+    "centroid_x",
+    "bbox_y0",
+    "bbox_x0",
+    "bbox_y1",
+    "bbox_x1",
+    "mean_intensity",
+    "max_intensity",
+    "integrated_intensity",
+)
+_INTENSITY = ("mean_intensity", "max_intensity", "integrated_intensity")
+_CSV_ROWS = 8192
+
+BandWriter = Callable[[npt.NDArray[Any], int], None]
+
+
+def instance_rule(checkpoint: Checkpoint, min_area: int | None = None) -> InstanceRule:
+    """The checkpoint's instance rule (its ``instances`` metadata), else: seeds = its foreground
+    classes but ``boundary``, growing into ``boundary``; ``min_area`` overrides the minimum.
+
+    >>> from unet.checkpoint import DEMO_CHECKPOINT, load_checkpoint
+    >>> instance_rule(load_checkpoint(DEMO_CHECKPOINT), min_area=3).min_area
+    3
+    """
+    names = checkpoint.class_names
+    if checkpoint.instances:
+        try:
+            rule = InstanceRule.from_dict(checkpoint.instances)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint's instance rule {checkpoint.instances!r} is invalid: {e}") from None
+        bad = [c for c in (*rule.seeds, *rule.grow) if c >= len(names)]
+        if bad:
+            raise CheckpointError(f"the checkpoint's instance rule names classes {bad}; the model has {len(names)}")
+    else:
+        grow = tuple(i for i in checkpoint.foreground if names[i] == "boundary")
+        rule = InstanceRule(seeds=tuple(i for i in checkpoint.foreground if i not in grow), grow=grow)
+    if min_area is not None:
+        if min_area < 0:
+            raise OptionError(f"min area must be >= 0 px, got {min_area}")
+        rule = replace(rule, min_area=min_area)
+    return rule
+
+
+def _columns(channels: int, stack: bool, um2: bool) -> list[str]:
+    names = ["plane"] if stack else []
+    for c in COLUMNS:
+        if c == "area_um2" and not um2:
+            continue
+        if c in _INTENSITY and channels > 1:
+            names += [f"{c}_c{k}" for k in range(channels)]
+        else:
+            names.append(c)
+    return names
+
+
+class TableWriter:
+    """Rows of measurements to ``path``: CSV, or Parquet for a ``.parquet`` suffix (needs pyarrow).
+
+    Written to a temporary file and renamed by :meth:`finish`; :meth:`abort` removes it.
+    """
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path, self.columns = Path(path), columns
+        self.parquet = self.path.suffix.lower() == ".parquet"
+        if self.parquet:
+            try:
+                import pyarrow  # noqa: F401, PLC0415
+            except ImportError:
+                raise InputError("a .parquet table needs pyarrow (pip install pyarrow); or write a .csv") from None
+        self._atomic = atomic_path(self.path)
+        self.tmp = self._atomic.__enter__()
+        self._parts: list[dict[str, npt.NDArray[Any]]] = []
+        self._closed = False
+        self._file: Any = None
+        self._csv: Any = None
+        if not self.parquet:
+            self._file = open(self.tmp, "w", newline="", encoding="utf-8")  # noqa: SIM115
+            self._csv = csv.writer(self._file, lineterminator="\n")
+            self._csv.writerow(columns)
+
+    def add(self, table: dict[str, npt.NDArray[Any]]) -> None:
+        if self.parquet:
+            self._parts.append(table)
+            return
+        n = len(table["id"])
+        for start in range(0, n, _CSV_ROWS):  # a few thousand rows as Python objects at a time
+            cols = [table[c][start : start + _CSV_ROWS].tolist() for c in self.columns]
+            self._csv.writerows([_fmt(v) for v in row] for row in zip(*cols, strict=True))
+
+    def close(self) -> None:
+        """Write what is left and close the temporary file (:meth:`finish` renames it)."""
+        if self._closed:
+            return
+        try:
+            if self.parquet:
+                import pyarrow as pa  # noqa: PLC0415
+                import pyarrow.parquet as pq  # noqa: PLC0415
+
+                data: dict[str, Any] = {
+                    c: np.concatenate([p[c] for p in self._parts]) if self._parts else [] for c in self.columns
+                }
+                pq.write_table(pa.table(data), self.tmp)
+            else:
+                self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def finish(self) -> None:
+        self.close()
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        with contextlib.suppress(BaseException):
+            error = RuntimeError("aborted")
+            self._atomic.__exit__(RuntimeError, error, None)
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return int(v) if v.is_integer() and abs(v) < 2**53 else f"{v:.6g}"
+    return v
+
+
+class _Measure:
+    """Per-object sums over the bands of one plane (final ids 1..count)."""
+
+    def __init__(self, count: int, channels: int) -> None:
+        n = count + 1
+        self.count, self.channels = count, channels
+        self.area = np.zeros(n, np.int64)
+        self.sum_y = np.zeros(n)
+        self.sum_x = np.zeros(n)
+        big = np.iinfo(np.int64).max
+        self.y0, self.x0 = np.full(n, big, np.int64), np.full(n, big, np.int64)
+        self.y1, self.x1 = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self.total = np.zeros((channels, n))
+        self.peak = np.full((channels, n), -np.inf)
+
+    def add(self, ids: npt.NDArray[np.uint32], y0: int, image: npt.NDArray[Any]) -> None:
+        ys, xs = np.nonzero(ids)
+        if not len(ys):
+            return
+        obj = ids[ys, xs].astype(np.int64)
+        n = self.count + 1
+        self.area += np.bincount(obj, minlength=n)
+        self.sum_y += np.bincount(obj, weights=ys + y0, minlength=n)
+        self.sum_x += np.bincount(obj, weights=xs, minlength=n)
+        order = np.argsort(obj, kind="stable")
+        sobj = obj[order]
+        starts = np.flatnonzero(np.r_[True, sobj[1:] != sobj[:-1]])
+        which = sobj[starts]
+        sy, sx = ys[order], xs[order]
+        self.y0[which] = np.minimum(self.y0[which], np.minimum.reduceat(sy, starts) + y0)
+        self.y1[which] = np.maximum(self.y1[which], np.maximum.reduceat(sy, starts) + y0 + 1)
+        self.x0[which] = np.minimum(self.x0[which], np.minimum.reduceat(sx, starts))
+        self.x1[which] = np.maximum(self.x1[which], np.maximum.reduceat(sx, starts) + 1)
+        for c in range(self.channels):
+            v = np.asarray(image[c][ys, xs], np.float64)
+            self.total[c] += np.bincount(obj, weights=v, minlength=n)
+            self.peak[c, which] = np.maximum(self.peak[c, which], np.maximum.reduceat(v[order], starts))
+
+    def table(self, header: ImageHeader, plane: int | None) -> dict[str, npt.NDArray[Any]]:
+        s = slice(1, None)
+        area = self.area[s]
+        t: dict[str, npt.NDArray[Any]] = {}
+        if plane is not None:
+            t["plane"] = np.full(self.count, plane, np.int64)
+        t["id"] = np.arange(1, self.count + 1, dtype=np.int64)
+        t["area_px"] = area
+        size = header.pixel_size_um
+        if size is not None:
+            t["area_um2"] = area * (size[0] * size[1])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t["centroid_y"] = self.sum_y[s] / area
+            t["centroid_x"] = self.sum_x[s] / area
+            t["bbox_y0"], t["bbox_x0"] = self.y0[s], self.x0[s]
+            t["bbox_y1"], t["bbox_x1"] = self.y1[s], self.x1[s]
+            for c in range(self.channels):
+                suffix = f"_c{c}" if self.channels > 1 else ""
+                t["mean_intensity" + suffix] = self.total[c, s] / area
+                t["max_intensity" + suffix] = self.peak[c, s]
+                t["integrated_intensity" + suffix] = self.total[c, s]
+        return t
+
+
+@dataclass
+class _Plane:
+    """One plane's pass 1: class labels in, provisional ids spooled."""
+
+    index: int
+    labeller: InstanceLabeller
+    bands: BandSink
+    owner: InstanceSink
+
+    def add(self, tile: Any, y: npt.NDArray[Any]) -> None:
+        self.bands.add(tile, y)
+
+    def finish(self) -> None:
+        self.bands.finish()
+        self.owner._finish_plane(self.index, self.labeller.finish())
+
+
+class InstanceSink:
+    """Instances of every plane into ``writer(index)`` (the band writer of the sink that holds
+    the uint32 image), with an optional ``table`` and ``geojson`` written beside.
+
+    ``source``: the input (its rows are read again for the intensities); ``spool_dir``: where
+    the provisional ids go (None: in memory). ``inner``: the image sink, finished or aborted
+    with this one. :attr:`count` is the number of objects over all planes.
+    """
+
+    def __init__(
+        self,
+        inner: ImageSink,
+        header: ImageHeader,
+        rule: InstanceRule,
+        source: Any,
+        *,
+        table: Path | None = None,
+        geojson: Path | None = None,
+        spool_dir: Path | None = None,
+        classification: str = "Nucleus",
+    ) -> None:
+        self.inner, self.header, self.rule, self.source = inner, header, rule, source
+        self.spool_dir, self.classification = spool_dir, classification
+        self.count = 0
+        self.counts: list[int] = []
+        self.stack = bool(header.stack_axes)
+        self._spools: list[Spool] = []
+        self.table: TableWriter | None = None
+        self.geojson: GeoJsonWriter | None = None
+        try:
+            if table is not None:
+                columns = _columns(header.channels, self.stack, header.pixel_size_um is not None)
+                self.table = TableWriter(table, columns)
+            if geojson is not None:
+                self.geojson = GeoJsonWriter(geojson)
+        except BaseException:
+            self.abort()
+            raise
+
+    def plane(self, index: int, plan: TilePlan) -> TileSink:
+        spool = Spool(self.header.width, self.spool_dir)
+        self._spools.append(spool)
+        labeller = InstanceLabeller(plan.image_shape, self.rule, spool)
+        return _Plane(index, labeller, BandSink(plan, np.uint8, lambda band, y0: labeller.add(band)), self)
+
+    def _finish_plane(self, index: int, relabel: Relabel) -> None:
+        write = self.inner.band_writer(index, np.uint32)
+        plane = self.source.plane(index)
+        measure = _Measure(relabel.count, self.header.channels) if self.table or self.geojson else None
+        for y0, ids in relabel.bands():
+            write(ids, y0)
+            if measure is not None:
+                measure.add(ids, y0, np.asarray(plane[..., y0 : y0 + len(ids), :]))
+        self.count += relabel.count
+        self.counts.append(relabel.count)
+        if measure is not None:
+            table = measure.table(self.header, index if self.stack else None)
+            if self.table is not None:
+                self.table.add(table)
+            if self.geojson is not None:
+                for obj, mask, y0, x0 in _objects(relabel, table):
+                    i = obj - 1
+                    values = {"id": obj, "area_px": int(table["area_px"][i])}
+                    if self.stack:
+                        values["plane"] = index
+                    self.geojson.add(
+                        feature(obj, mask, y0, x0, classification=self.classification, measurements=values)
+                    )
+        relabel.spool.close()
+
+    def finish(self) -> None:
+        """Everything written and closed first, then the image committed, then the table and
+        the shapes renamed into place: a failure anywhere before leaves none of them."""
+        sides = [w for w in (self.table, self.geojson) if w is not None]
+        try:
+            for w in sides:
+                w.close()
+            self.inner.finish()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._close_spools()
+        for w in sides:
+            w.finish()
+
+    def abort(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.inner.abort()
+        for w in (self.table, self.geojson):
+            if w is not None:
+                with contextlib.suppress(BaseException):
+                    w.abort()
+        self._close_spools()
+
+    def _close_spools(self) -> None:
+        for s in self._spools:
+            s.close()
+        self._spools.clear()
+
+
+def _objects(
+    relabel: Relabel, table: dict[str, npt.NDArray[Any]]
+) -> Iterator[tuple[int, npt.NDArray[np.bool_], int, int]]:
+    """``(id, mask of its bounding box, y0, x0)`` for every object, in order of the box's top
+    row, read from the spool: the chunks under the current boxes are kept decoded."""
+    spans = relabel.spool.spans
+    starts = np.array([y for y, _ in spans], np.int64)
+    cache: dict[int, npt.NDArray[np.uint32]] = {}
+    order = np.argsort(table["bbox_y0"], kind="stable")
+    for i in order.tolist():
+        y0, y1 = int(table["bbox_y0"][i]), int(table["bbox_y1"][i])
+        x0, x1 = int(table["bbox_x0"][i]), int(table["bbox_x1"][i])
+        first = int(np.searchsorted(starts, y0, side="right")) - 1
+        last = int(np.searchsorted(starts, y1 - 1, side="right")) - 1
+        for k in [k for k in cache if k < first]:
+            del cache[k]
+        pieces = []
+        for k in range(first, last + 1):
+            if k not in cache:
+                cache[k] = relabel.apply(relabel.spool.chunk(k))
+            cy0, n = spans[k]
+            a, b = max(y0, cy0) - cy0, min(y1, cy0 + n) - cy0
+            pieces.append(cache[k][a:b, x0:x1])
+        if last - first > 2:  # a tall object: keep only the chunks near its top for the next ones
+            for k in [k for k in cache if k > first + 1]:
+                del cache[k]
+        crop = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        yield i + 1, crop == i + 1, y0, x0
+
+
+def spool_dir_for(target: Path | None) -> Path | None:
+    """Where a streamed run's provisional ids go: beside its output."""
+    return None if target is None else Path(target).parent
+
+
+def planes(header: ImageHeader) -> int:
+    return math.prod(header.stack_shape)
