@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -74,6 +73,7 @@ COLUMNS = (
 )
 _INTENSITY = ("mean_intensity", "max_intensity", "integrated_intensity")
 _CSV_ROWS = 8192
+_SLICE_PX = 1 << 21  # pixels of the slices of a band the labeller takes at a time (64 rows of 32768)
 
 BandWriter = Callable[[npt.NDArray[Any], int], None]
 
@@ -133,7 +133,7 @@ class TableWriter:
                 raise InputError("a .parquet table needs pyarrow (pip install pyarrow); or write a .csv") from None
         self._atomic = atomic_path(self.path)
         self.tmp = self._atomic.__enter__()
-        self._parts: list[dict[str, npt.NDArray[Any]]] = []
+        self._parquet: Any = None  # a pyarrow.parquet.ParquetWriter once the first rows come
         self._closed = False
         self._file: Any = None
         self._csv: Any = None
@@ -143,8 +143,15 @@ class TableWriter:
             self._csv.writerow(columns)
 
     def add(self, table: dict[str, npt.NDArray[Any]]) -> None:
+        """Append rows (columns of equal length); written at once, one Parquet row group each."""
         if self.parquet:
-            self._parts.append(table)
+            import pyarrow as pa  # noqa: PLC0415
+            import pyarrow.parquet as pq  # noqa: PLC0415
+
+            piece = pa.table({c: table[c] for c in self.columns})
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.tmp, piece.schema)
+            self._parquet.write_table(piece)
             return
         n = len(table["id"])
         for start in range(0, n, _CSV_ROWS):  # a few thousand rows as Python objects at a time
@@ -157,13 +164,13 @@ class TableWriter:
             return
         try:
             if self.parquet:
-                import pyarrow as pa  # noqa: PLC0415
-                import pyarrow.parquet as pq  # noqa: PLC0415
+                if self._parquet is None:  # no objects: an empty table with the columns
+                    import pyarrow as pa  # noqa: PLC0415
+                    import pyarrow.parquet as pq  # noqa: PLC0415
 
-                data: dict[str, Any] = {
-                    c: np.concatenate([p[c] for p in self._parts]) if self._parts else [] for c in self.columns
-                }
-                pq.write_table(pa.table(data), self.tmp)
+                    pq.write_table(pa.table({c: pa.array([], pa.float64()) for c in self.columns}), self.tmp)
+                else:
+                    self._parquet.close()
             else:
                 self._file.close()
         except BaseException:
@@ -176,9 +183,10 @@ class TableWriter:
         self._atomic.__exit__(None, None, None)
 
     def abort(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
+        for f in (self._file, self._parquet):
+            if f is not None:
+                with contextlib.suppress(Exception):
+                    f.close()
         with contextlib.suppress(BaseException):
             error = RuntimeError("aborted")
             self._atomic.__exit__(RuntimeError, error, None)
@@ -191,65 +199,73 @@ def _fmt(v: Any) -> Any:
 
 
 class _Measure:
-    """Per-object sums over the bands of one plane (final ids 1..count)."""
+    """Per-object sums over the bands of one plane (final ids 1..count), ~48 bytes an object.
+
+    Every supported input dtype (uint8, uint16, int16, float32) is exact in float32, so the
+    maxima are kept in it; sums in float64."""
 
     def __init__(self, count: int, channels: int) -> None:
         n = count + 1
         self.count, self.channels = count, channels
-        self.area = np.zeros(n, np.int64)
+        self.area = np.zeros(n, np.int32)
         self.sum_y = np.zeros(n)
         self.sum_x = np.zeros(n)
-        big = np.iinfo(np.int64).max
-        self.y0, self.x0 = np.full(n, big, np.int64), np.full(n, big, np.int64)
-        self.y1, self.x1 = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        big = np.iinfo(np.int32).max
+        self.y0, self.x0 = np.full(n, big, np.int32), np.full(n, big, np.int32)
+        self.y1, self.x1 = np.zeros(n, np.int32), np.zeros(n, np.int32)
         self.total = np.zeros((channels, n))
-        self.peak = np.full((channels, n), -np.inf)
+        self.peak = np.full((channels, n), -np.inf, np.float32)
 
     def add(self, ids: npt.NDArray[np.uint32], y0: int, image: npt.NDArray[Any]) -> None:
-        ys, xs = np.nonzero(ids)
-        if not len(ys):
+        flat = ids.ravel()
+        where = np.flatnonzero(flat)
+        if not len(where):
             return
-        obj = ids[ys, xs].astype(np.int64)
-        n = self.count + 1
-        self.area += np.bincount(obj, minlength=n)
-        self.sum_y += np.bincount(obj, weights=ys + y0, minlength=n)
-        self.sum_x += np.bincount(obj, weights=xs, minlength=n)
-        order = np.argsort(obj, kind="stable")
-        sobj = obj[order]
-        starts = np.flatnonzero(np.r_[True, sobj[1:] != sobj[:-1]])
-        which = sobj[starts]
-        sy, sx = ys[order], xs[order]
-        self.y0[which] = np.minimum(self.y0[which], np.minimum.reduceat(sy, starts) + y0)
-        self.y1[which] = np.maximum(self.y1[which], np.maximum.reduceat(sy, starts) + y0 + 1)
-        self.x0[which] = np.minimum(self.x0[which], np.minimum.reduceat(sx, starts))
-        self.x1[which] = np.maximum(self.x1[which], np.maximum.reduceat(sx, starts) + 1)
+        order = np.argsort(flat[where], kind="stable")
+        where = where[order]  # object pixels, grouped by id
+        del order
+        obj = flat[where]
+        starts = np.flatnonzero(np.r_[True, obj[1:] != obj[:-1]])
+        which = obj[starts].astype(np.int64)
+        del obj
+        ys, xs = np.divmod(where, ids.shape[1])
+        self.area[which] += np.diff(np.r_[starts, len(where)]).astype(np.int32)
+        self.sum_y[which] += np.add.reduceat(ys, starts) + y0 * np.diff(np.r_[starts, len(where)])
+        self.sum_x[which] += np.add.reduceat(xs, starts)
+        self.y0[which] = np.minimum(self.y0[which], np.minimum.reduceat(ys, starts) + y0)
+        self.y1[which] = np.maximum(self.y1[which], np.maximum.reduceat(ys, starts) + y0 + 1)
+        self.x0[which] = np.minimum(self.x0[which], np.minimum.reduceat(xs, starts))
+        self.x1[which] = np.maximum(self.x1[which], np.maximum.reduceat(xs, starts) + 1)
         for c in range(self.channels):
-            v = np.asarray(image[c][ys, xs], np.float64)
-            self.total[c] += np.bincount(obj, weights=v, minlength=n)
-            self.peak[c, which] = np.maximum(self.peak[c, which], np.maximum.reduceat(v[order], starts))
+            v = np.asarray(image[c].ravel()[where], np.float64)
+            self.total[c, which] += np.add.reduceat(v, starts)
+            self.peak[c, which] = np.maximum(self.peak[c, which], np.maximum.reduceat(v, starts))
 
-    def table(self, header: ImageHeader, plane: int | None) -> dict[str, npt.NDArray[Any]]:
-        s = slice(1, None)
-        area = self.area[s]
-        t: dict[str, npt.NDArray[Any]] = {}
-        if plane is not None:
-            t["plane"] = np.full(self.count, plane, np.int64)
-        t["id"] = np.arange(1, self.count + 1, dtype=np.int64)
-        t["area_px"] = area
+    def tables(
+        self, header: ImageHeader, plane: int | None, rows: int = 65536
+    ) -> Iterator[dict[str, npt.NDArray[Any]]]:
+        """The table in pieces of ``rows`` objects (the whole one would take ~100 bytes an object)."""
         size = header.pixel_size_um
-        if size is not None:
-            t["area_um2"] = area * (size[0] * size[1])
-        with np.errstate(invalid="ignore", divide="ignore"):
+        for start in range(1, self.count + 1, rows):
+            s = slice(start, min(start + rows, self.count + 1))
+            area = self.area[s].astype(np.int64)
+            t: dict[str, npt.NDArray[Any]] = {}
+            if plane is not None:
+                t["plane"] = np.full(len(area), plane, np.int64)
+            t["id"] = np.arange(s.start, s.stop, dtype=np.int64)
+            t["area_px"] = area
+            if size is not None:
+                t["area_um2"] = area * (size[0] * size[1])
             t["centroid_y"] = self.sum_y[s] / area
             t["centroid_x"] = self.sum_x[s] / area
-            t["bbox_y0"], t["bbox_x0"] = self.y0[s], self.x0[s]
-            t["bbox_y1"], t["bbox_x1"] = self.y1[s], self.x1[s]
+            t["bbox_y0"], t["bbox_x0"] = self.y0[s].astype(np.int64), self.x0[s].astype(np.int64)
+            t["bbox_y1"], t["bbox_x1"] = self.y1[s].astype(np.int64), self.x1[s].astype(np.int64)
             for c in range(self.channels):
                 suffix = f"_c{c}" if self.channels > 1 else ""
                 t["mean_intensity" + suffix] = self.total[c, s] / area
-                t["max_intensity" + suffix] = self.peak[c, s]
+                t["max_intensity" + suffix] = self.peak[c, s].astype(np.float64)
                 t["integrated_intensity" + suffix] = self.total[c, s]
-        return t
+            yield t
 
 
 @dataclass
@@ -312,7 +328,13 @@ class InstanceSink:
         spool = Spool(self.header.width, self.spool_dir)
         self._spools.append(spool)
         labeller = InstanceLabeller(plan.image_shape, self.rule, spool)
-        return _Plane(index, labeller, BandSink(plan, np.uint8, lambda band, y0: labeller.add(band)), self)
+        rows = max(16, _SLICE_PX // max(self.header.width, 1))
+
+        def add(band: npt.NDArray[Any], y0: int) -> None:
+            for start in range(0, len(band), rows):  # the labeller's working arrays stay a few MB
+                labeller.add(band[start : start + rows])
+
+        return _Plane(index, labeller, BandSink(plan, np.uint8, add), self)
 
     def _finish_plane(self, index: int, relabel: Relabel) -> None:
         write = self.inner.band_writer(index, np.uint32)
@@ -325,13 +347,12 @@ class InstanceSink:
         self.count += relabel.count
         self.counts.append(relabel.count)
         if measure is not None:
-            table = measure.table(self.header, index if self.stack else None)
             if self.table is not None:
-                self.table.add(table)
+                for piece in measure.tables(self.header, index if self.stack else None):
+                    self.table.add(piece)
             if self.geojson is not None:
-                for obj, mask, y0, x0 in _objects(relabel, table):
-                    i = obj - 1
-                    values = {"id": obj, "area_px": int(table["area_px"][i])}
+                for obj, mask, y0, x0 in _objects(relabel, measure):
+                    values: dict[str, float] = {"id": obj, "area_px": int(measure.area[obj])}
                     if self.stack:
                         values["plane"] = index
                     self.geojson.add(
@@ -370,18 +391,16 @@ class InstanceSink:
         self._spools.clear()
 
 
-def _objects(
-    relabel: Relabel, table: dict[str, npt.NDArray[Any]]
-) -> Iterator[tuple[int, npt.NDArray[np.bool_], int, int]]:
+def _objects(relabel: Relabel, measure: _Measure) -> Iterator[tuple[int, npt.NDArray[np.bool_], int, int]]:
     """``(id, mask of its bounding box, y0, x0)`` for every object, in order of the box's top
     row, read from the spool: the chunks under the current boxes are kept decoded."""
     spans = relabel.spool.spans
     starts = np.array([y for y, _ in spans], np.int64)
     cache: dict[int, npt.NDArray[np.uint32]] = {}
-    order = np.argsort(table["bbox_y0"], kind="stable")
-    for i in order.tolist():
-        y0, y1 = int(table["bbox_y0"][i]), int(table["bbox_y1"][i])
-        x0, x1 = int(table["bbox_x0"][i]), int(table["bbox_x1"][i])
+    order = np.argsort(measure.y0[1:], kind="stable") + 1
+    for obj in order.tolist():
+        y0, y1 = int(measure.y0[obj]), int(measure.y1[obj])
+        x0, x1 = int(measure.x0[obj]), int(measure.x1[obj])
         first = int(np.searchsorted(starts, y0, side="right")) - 1
         last = int(np.searchsorted(starts, y1 - 1, side="right")) - 1
         for k in [k for k in cache if k < first]:
@@ -397,13 +416,4 @@ def _objects(
             for k in [k for k in cache if k > first + 1]:
                 del cache[k]
         crop = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-        yield i + 1, crop == i + 1, y0, x0
-
-
-def spool_dir_for(target: Path | None) -> Path | None:
-    """Where a streamed run's provisional ids go: beside its output."""
-    return None if target is None else Path(target).parent
-
-
-def planes(header: ImageHeader) -> int:
-    return math.prod(header.stack_shape)
+        yield obj, crop == obj, y0, x0

@@ -191,15 +191,15 @@ def _canonical(ids: npt.NDArray[Any]) -> npt.NDArray[np.uint32]:
 
 
 class _Grow:
-    """A growable int64 record per provisional id (index 0 unused)."""
+    """A growable record per provisional id (index 0 unused)."""
 
-    def __init__(self, fill: int) -> None:
-        self.fill = fill
-        self.a = np.full(1024, fill, np.int64)
+    def __init__(self, fill: int, dtype: npt.DTypeLike = np.int64) -> None:
+        self.fill, self.dtype = fill, np.dtype(dtype)
+        self.a = np.full(1024, fill, self.dtype)
 
     def reserve(self, n: int) -> None:
         if n > len(self.a):
-            extra = np.full(max(n, 2 * len(self.a)) - len(self.a), self.fill, np.int64)
+            extra = np.full(max(n, len(self.a) * 3 // 2) - len(self.a), self.fill, self.dtype)
             self.a = np.concatenate([self.a, extra])
 
 
@@ -207,7 +207,7 @@ class _UnionFind:
     """Union-find over provisional ids 1..n (0 = none); unions come a seam at a time."""
 
     def __init__(self) -> None:
-        self.parent = _Grow(0)
+        self.parent = _Grow(0, np.int32)
         self.n = 0
 
     def extend(self, n: int) -> None:
@@ -347,9 +347,9 @@ class InstanceLabeller:
         self._objects = _UnionFind()
         self._regions = _UnionFind()
         self._first = _Grow(np.iinfo(np.int64).max)  # per object: flat index of its first pixel
-        self._area = _Grow(0)  # per object: pixels
-        self._border = _Grow(0)  # per object: touches the image border, or a background piece that does
-        self._region_border = _Grow(0)
+        self._area = _Grow(0, np.int32)  # per object: pixels
+        self._border = _Grow(0, np.int8)  # per object: touches the image border, or a background piece that does
+        self._region_border = _Grow(0, np.int8)
         # (2, k) node pairs that touch; object id > 0, region -id: objects and background pieces
         # off the border, objects that may be dropped
         self._edges: list[npt.NDArray[np.int64]] = []
@@ -472,66 +472,95 @@ class InstanceLabeller:
             self._edges.append(np.unique(got, axis=1))
 
     def finish(self) -> Relabel:
-        """All rows were added: resolve the unions, drop small objects, fill holes, number them."""
+        """All rows were added: resolve the unions, drop small objects, fill holes, number them.
+
+        Arrays here are a few bytes per provisional object and background piece; only the
+        pieces off the border (a border piece is never a hole) take part in the void graph."""
         if self._rows_in != self.height:
             raise TilingError(f"{self._rows_in} of the image's {self.height} rows were added")
         n_obj, n_reg = self._objects.n, self._regions.n
-        root = self._objects.roots()
-        area = np.bincount(root, weights=self._area.a[: n_obj + 1], minlength=n_obj + 1).astype(np.int64)
+        root = self._objects.roots()  # int32
+        area = np.bincount(root, weights=self._area.a[: n_obj + 1], minlength=n_obj + 1)
         first = np.full(n_obj + 1, np.iinfo(np.int64).max, np.int64)
         np.minimum.at(first, root, self._first.a[: n_obj + 1])
         border = np.zeros(n_obj + 1, bool)
-        np.logical_or.at(border, root, self._border.a[: n_obj + 1] > 0)
-        is_root = (root == np.arange(n_obj + 1)) & (area > 0)
+        border[root[np.flatnonzero(self._border.a[: n_obj + 1])]] = True
+        is_root = (root == np.arange(n_obj + 1, dtype=root.dtype)) & (area > 0)
         is_root[0] = False
         kept = is_root & (area >= self.rule.min_area)
         dropped = is_root & ~kept
+        del area, is_root
+        self._first = self._area = _Grow(0)
         rroot = self._regions.roots()
         rborder = np.zeros(n_reg + 1, bool)
-        np.logical_or.at(rborder, rroot, self._region_border.a[: n_reg + 1] > 0)
-        # nodes: object roots 1..n_obj, region roots n_obj + 1...; voids: regions and dropped
-        # objects, joined where they touch
+        rborder[rroot[np.flatnonzero(self._region_border.a[: n_reg + 1])]] = True
+        self._regions = _UnionFind()
+        self._region_border = _Grow(0)
+        # the recorded pairs as roots: objects > 0, regions < 0
         edges = np.concatenate(self._edges, axis=1) if self._edges else np.zeros((2, 0), np.int64)
-        node = np.where(edges > 0, root[np.clip(edges, 0, None)], n_obj + rroot[np.clip(-edges, 0, None)])
-        region_roots = np.flatnonzero(rroot == np.arange(n_reg + 1))[1:]
-        void_nodes = np.concatenate([np.flatnonzero(dropped), n_obj + region_roots])
-        void_index = np.full(n_obj + n_reg + 1, -1, np.int64)
-        void_index[void_nodes] = np.arange(len(void_nodes))
-        vi = void_index[node]
-        both = (vi[0] >= 0) & (vi[1] >= 0)
-        nv = len(void_nodes)
+        self._edges = []
+        edges = np.where(edges > 0, root[np.clip(edges, 0, None)], -rroot[np.clip(-edges, 0, None)].astype(np.int64))
+        # a dropped object beside a piece that turned out to touch the border is in a border void
+        reg_side = edges < 0
+        on_border = reg_side & rborder[np.clip(-edges, 0, None)]
+        hit = on_border[::-1] & (edges > 0)  # the object end of a pair whose region end is on the border
+        border[edges[hit]] = True
+        keep = ~on_border.any(axis=0)
+        edges = edges[:, keep]
+        # voids: dropped objects and off-border region roots, joined where they touch
+        region_roots = np.flatnonzero((rroot == np.arange(n_reg + 1, dtype=rroot.dtype)) & ~rborder)
+        region_roots = region_roots[region_roots > 0]
+        dropped_ids = np.flatnonzero(dropped)
+        obj_void = np.full(n_obj + 1, -1, np.int32)
+        obj_void[dropped_ids] = np.arange(len(dropped_ids), dtype=np.int32)
+        reg_void = np.full(n_reg + 1, -1, np.int32)
+        reg_void[region_roots] = np.arange(len(dropped_ids), len(dropped_ids) + len(region_roots), dtype=np.int32)
+        del rborder
+
+        def void_of(e: npt.NDArray[np.int64]) -> npt.NDArray[np.int32]:
+            return np.where(e > 0, obj_void[np.clip(e, 0, None)], reg_void[np.clip(-e, 0, None)])
+
+        va, vb = void_of(edges[0]), void_of(edges[1])
+        nv = len(dropped_ids) + len(region_roots)
         void = np.zeros(0, np.int64)
         if nv:
-            graph = coo_matrix((np.ones(int(both.sum())), (vi[0][both], vi[1][both])), shape=(nv, nv))
+            both = (va >= 0) & (vb >= 0)
+            graph = coo_matrix((np.ones(int(both.sum()), np.int8), (va[both], vb[both])), shape=(nv, nv))
             void = np.asarray(connected_components(graph, directed=False)[1], np.int64)
+            del graph
         nvoid = int(void.max()) + 1 if nv else 0
-        is_obj = void_nodes <= n_obj
-        member_border = np.where(
-            is_obj, border[np.minimum(void_nodes, n_obj)], rborder[np.maximum(void_nodes - n_obj, 0)]
-        )
         vborder = np.zeros(nvoid, bool)
-        np.logical_or.at(vborder, void, member_border)
+        if len(dropped_ids):
+            vborder[void[: len(dropped_ids)][border[dropped_ids]]] = True
         owner = np.zeros(nvoid, np.int64)  # the one kept object around a void, else 0
         if self.rule.fill_holes and nvoid:
-            a, b = np.concatenate([node, node[::-1]], axis=1)
-            vb = void_index[b]
-            ok = (a <= n_obj) & kept[np.minimum(a, n_obj)] & (vb >= 0)
-            pairs = np.unique(np.stack([void[vb[ok]], a[ok]]), axis=1) if ok.any() else np.zeros((2, 0), np.int64)
+            obj_end = np.concatenate([edges[0], edges[1]])
+            other = np.concatenate([vb, va])
+            ok = (obj_end > 0) & kept[np.clip(obj_end, 0, None)] & (other >= 0)
+            pairs = (
+                np.unique(np.stack([void[other[ok]], obj_end[ok]]), axis=1) if ok.any() else np.zeros((2, 0), np.int64)
+            )
             count = np.bincount(pairs[0], minlength=nvoid)
             owner[pairs[0]] = pairs[1]
             owner[(count != 1) | vborder] = 0
+        del edges, va, vb
         # canonical numbering of the kept objects
         kept_ids = np.flatnonzero(kept)
         order = np.argsort(first[kept_ids], kind="stable")
-        final = np.zeros(n_obj + 1, np.int64)
-        final[kept_ids[order]] = np.arange(1, len(kept_ids) + 1)
-        void_final = final[owner]
+        del first
+        final = np.zeros(n_obj + 1, np.uint32)
+        final[kept_ids[order]] = np.arange(1, len(kept_ids) + 1, dtype=np.uint32)
+        void_final = final[owner] if nvoid else np.zeros(0, np.uint32)
         obj_lut = final[root]
-        gone = dropped[root]
-        obj_lut[gone] = void_final[void[void_index[root[gone]]]]
-        reg_lut = np.zeros(n_reg + 1, np.int64)
-        rv = void_index[n_obj + rroot]
-        has = rv >= 0
-        reg_lut[has] = void_final[void[rv[has]]]
+        gone = np.flatnonzero(dropped[root])
+        if len(gone):
+            obj_lut[gone] = void_final[void[obj_void[root[gone]]]]
+        reg_lut = np.zeros(n_reg + 1, np.uint32)
+        rv = reg_void[rroot]
+        has = np.flatnonzero(rv >= 0)
+        if len(has):
+            reg_lut[has] = void_final[void[rv[has]]]
         obj_lut[0] = reg_lut[0] = 0
-        return Relabel(len(kept_ids), obj_lut.astype(np.uint32), reg_lut.astype(np.uint32), self.spool)
+        self._objects = _UnionFind()
+        self._border = _Grow(0)
+        return Relabel(len(kept_ids), obj_lut, reg_lut, self.spool)

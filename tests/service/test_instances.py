@@ -468,3 +468,18 @@ def test_a_full_disk_at_the_end_leaves_none_of_the_outputs(
         segment_file(identity, tmp_path / "in.tif", tmp_path / "o.tif", options, stream_above_mb=stream_above)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "t.csv"]
     assert (tmp_path / "t.csv").read_text() == "a table from before\n"
+
+
+def test_bands_fed_to_the_labeller_in_thin_slices_give_the_same_ids(
+    tmp_path: Path,
+    identity: Segmenter,
+    case: tuple[Path, np.ndarray[Any, Any], np.ndarray[Any, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wide images are labelled a few rows at a time (memory); a 700-px wide one, 16 at a time."""
+    import service.instances  # noqa: PLC0415
+
+    src, mask, _ = case
+    monkeypatch.setattr(service.instances, "_SLICE_PX", 700 * 16)
+    segment_file(identity, src, tmp_path / "o.tif", Options(output="instances"), stream_above_mb=0)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "o.tif"), label_instances(mask, RULE))

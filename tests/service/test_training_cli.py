@@ -95,20 +95,9 @@ def test_train_then_evaluate(dataset: Path, tmp_path: Path, capsys: pytest.Captu
 
 def _threshold_checkpoint(path: Path) -> Path:
     """A 2-class checkpoint whose background-vs-nucleus margin is ``normalized input - 0.5``."""
-    torch.manual_seed(0)
-    model = unet.UNet(unet.UNetConfig(base_width=2, batch_norm=False))
-    with torch.no_grad():  # every layer passes the (centre) input through: channel 0 of each conv
-        for p in model.parameters():
-            p.zero_()
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
-                m.weight[0, 0, 1, 1] = 1.0
-            if isinstance(m, torch.nn.ConvTranspose2d):
-                m.weight[0, 0] = 1.0
-        model.head.weight[1, 0, 0, 0] = 1.0
-        model.head.bias[1] = -0.5
-    unet.save_checkpoint(path, model, class_names=["background", "nucleus"], weights_dtype="float32")
-    return path
+    from bench.instances import threshold_checkpoint
+
+    return threshold_checkpoint(path)
 
 
 def test_evaluate_scores_a_perfect_model_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

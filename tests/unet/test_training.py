@@ -186,6 +186,10 @@ def test_bundled_demo_checkpoint_is_what_the_readme_says_and_beats_otsu(readme: 
     assert ck.info["seed"] == 0 and ck.info["command"].startswith("unet-tile train ")
     assert ck.info["held_out"]["dice"] >= 0.94 and "--classes 3" in ck.info["command"]
     assert "background_logit_offset" in ck.info["calibration"]
+    # instances: its rule recorded, the minimum area the one calibration chose; a 4-px boundary target
+    assert ck.instances == {"seeds": [1], "grow": [2], "min_area": ck.info["calibration"]["min_area"], "grow_px": 4,
+                            "fill_holes": True}  # fmt: skip
+    assert "--boundary-width 4" in ck.info["command"] and ck.info["held_out"]["f1"] >= 0.9
     assert unet.checkpoint.file_sha256(unet.checkpoint.DEMO_CHECKPOINT) in readme  # the README names this file
     assert f"--steps {ck.info['steps']} " in readme and f"--n {ck.info['data']['planes']} --seed 1" in readme
     samples = synth_set(4, seed=2027, shape=(160, 160))  # never trained on (training used seed 1)
