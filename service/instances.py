@@ -73,7 +73,7 @@ COLUMNS = (
 )
 _INTENSITY = ("mean_intensity", "max_intensity", "integrated_intensity")
 _CSV_ROWS = 8192
-_SLICE_PX = 1 << 21  # pixels of the slices of a band the labeller takes at a time (64 rows of 32768)
+_SLICE_PX = 1 << 22  # pixels of the slices of a band the labeller takes at a time (128 rows of 32768)
 
 BandWriter = Callable[[npt.NDArray[Any], int], None]
 

@@ -352,7 +352,7 @@ class InstanceLabeller:
         self._region_border = _Grow(0, np.int8)
         # (2, k) node pairs that touch; object id > 0, region -id: objects and background pieces
         # off the border, objects that may be dropped
-        self._edges: list[npt.NDArray[np.int64]] = []
+        self._edges: list[npt.NDArray[np.int32]] = []
         self._rows_in = 0
         self._done = 0  # rows decided (spooled)
         self._ctx_y0 = 0
@@ -460,13 +460,13 @@ class InstanceLabeller:
             o, r = obj[sel], reg[sel]
             on_border = border[r] > 0
             self._border.a[o[on_border]] = 1
-            pairs.append(np.stack([o[~on_border].astype(np.int64), -r[~on_border].astype(np.int64)]))
+            pairs.append(np.stack([o[~on_border], -r[~on_border]]).astype(np.int32))
         if self.rule.min_area:
             sel = (a_ids > 0) & (b_ids > 0) & (a_ids != b_ids)
             o1, o2 = a_ids[sel], b_ids[sel]
             small = self._area.a[o1] < self.rule.min_area
             small |= self._area.a[o2] < self.rule.min_area
-            pairs.append(np.stack([o1[small].astype(np.int64), o2[small].astype(np.int64)]))
+            pairs.append(np.stack([o1[small], o2[small]]).astype(np.int32))
         got = np.concatenate(pairs, axis=1)
         if got.shape[1]:
             self._edges.append(np.unique(got, axis=1))
@@ -497,9 +497,12 @@ class InstanceLabeller:
         self._regions = _UnionFind()
         self._region_border = _Grow(0)
         # the recorded pairs as roots: objects > 0, regions < 0
-        edges = np.concatenate(self._edges, axis=1) if self._edges else np.zeros((2, 0), np.int64)
+        edges = np.concatenate(self._edges, axis=1) if self._edges else np.zeros((2, 0), np.int32)
         self._edges = []
-        edges = np.where(edges > 0, root[np.clip(edges, 0, None)], -rroot[np.clip(-edges, 0, None)].astype(np.int64))
+        for row in edges:  # to roots, in place (int32: two copies of the pairs at most)
+            obj = row > 0
+            row[obj] = root[row[obj]]
+            row[~obj] = -rroot[-row[~obj]]
         # a dropped object beside a piece that turned out to touch the border is in a border void
         reg_side = edges < 0
         on_border = reg_side & rborder[np.clip(-edges, 0, None)]
@@ -517,7 +520,7 @@ class InstanceLabeller:
         reg_void[region_roots] = np.arange(len(dropped_ids), len(dropped_ids) + len(region_roots), dtype=np.int32)
         del rborder
 
-        def void_of(e: npt.NDArray[np.int64]) -> npt.NDArray[np.int32]:
+        def void_of(e: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
             return np.where(e > 0, obj_void[np.clip(e, 0, None)], reg_void[np.clip(-e, 0, None)])
 
         va, vb = void_of(edges[0]), void_of(edges[1])
@@ -537,11 +540,15 @@ class InstanceLabeller:
             obj_end = np.concatenate([edges[0], edges[1]])
             other = np.concatenate([vb, va])
             ok = (obj_end > 0) & kept[np.clip(obj_end, 0, None)] & (other >= 0)
-            pairs = (
-                np.unique(np.stack([void[other[ok]], obj_end[ok]]), axis=1) if ok.any() else np.zeros((2, 0), np.int64)
-            )
-            count = np.bincount(pairs[0], minlength=nvoid)
-            owner[pairs[0]] = pairs[1]
+            touch_void, touch_obj = void[other[ok]], obj_end[ok].astype(np.int64)  # (void, kept object) pairs
+            del obj_end, other, ok
+            low = np.full(nvoid, np.iinfo(np.int64).max, np.int64)
+            high = np.zeros(nvoid, np.int64)
+            np.minimum.at(low, touch_void, touch_obj)  # one object around it: its lowest and highest agree
+            np.maximum.at(high, touch_void, touch_obj)
+            del touch_void, touch_obj
+            count = np.where(high == 0, 0, np.where(low == high, 1, 2))
+            owner[:] = high
             owner[(count != 1) | vborder] = 0
         del edges, va, vb
         # canonical numbering of the kept objects

@@ -477,7 +477,7 @@ def test_bands_fed_to_the_labeller_in_thin_slices_give_the_same_ids(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Wide images are labelled a few rows at a time (memory); a 700-px wide one, 16 at a time."""
-    import service.instances  # noqa: PLC0415
+    import service.instances
 
     src, mask, _ = case
     monkeypatch.setattr(service.instances, "_SLICE_PX", 700 * 16)
