@@ -52,7 +52,16 @@ from ..segmenter import Segmenter
 from ..sources import read_image
 from .common import add_model_options, load_segmenter, positive_int
 
-__all__ = ["Pair", "calibrate_background", "evaluate_pairs", "find_pairs", "register"]
+__all__ = [
+    "MIN_AREAS",
+    "Pair",
+    "calibrate_background",
+    "calibrate_min_area",
+    "evaluate_instances",
+    "evaluate_pairs",
+    "find_pairs",
+    "register",
+]
 
 log = logging.getLogger(__name__)
 
