@@ -229,8 +229,9 @@ class _Measure:
         which = obj[starts].astype(np.int64)
         del obj
         ys, xs = np.divmod(where, ids.shape[1])
-        self.area[which] += np.diff(np.r_[starts, len(where)]).astype(np.int32)
-        self.sum_y[which] += np.add.reduceat(ys, starts) + y0 * np.diff(np.r_[starts, len(where)])
+        sizes = np.diff(np.r_[starts, len(where)])  # pixels of each object in these rows
+        self.area[which] += sizes.astype(np.int32)
+        self.sum_y[which] += np.add.reduceat(ys, starts) + y0 * sizes
         self.sum_x[which] += np.add.reduceat(xs, starts)
         self.y0[which] = np.minimum(self.y0[which], np.minimum.reduceat(ys, starts) + y0)
         self.y1[which] = np.maximum(self.y1[which], np.maximum.reduceat(ys, starts) + y0 + 1)
@@ -309,7 +310,6 @@ class InstanceSink:
         self.inner, self.header, self.rule, self.source = inner, header, rule, source
         self.spool_dir, self.classification = spool_dir, classification
         self.count = 0
-        self.counts: list[int] = []
         self.stack = bool(header.stack_axes)
         self._spools: list[Spool] = []
         self.table: TableWriter | None = None
@@ -345,7 +345,6 @@ class InstanceSink:
             if measure is not None:
                 measure.add(ids, y0, np.asarray(plane[..., y0 : y0 + len(ids), :]))
         self.count += relabel.count
-        self.counts.append(relabel.count)
         if measure is not None:
             if self.table is not None:
                 for piece in measure.tables(self.header, index if self.stack else None):
