@@ -8,11 +8,14 @@ uint32 instance image (in memory, a streamed TIFF, OME-Zarr). Per plane:
    temporary file beside the output on streamed routes);
 2. once the plane is complete, the final ids are written band by band to the inner sink,
    and each band's objects are measured against the input's rows (read again from the
-   source, one band at a time);
-3. with a GeoJSON output, each object's outline is traced from its bounding box (read from
-   the spool), objects in order of their top row.
+   source, one band at a time); an object's table row is written as soon as the bands have
+   passed it (ids follow the raster order of their first pixel, so complete objects come
+   in id order);
+3. with a GeoJSON output, each complete object's outline is traced from its bounding box
+   (read back from the spool).
 
-Memory stays O(band x width) plus a record per object. Table and GeoJSON are written to
+Memory stays O(band x width), plus ~25 bytes per provisional object in the labeller and
+~50 bytes per object not yet complete in the measurements. Table and GeoJSON are written to
 temporary files and renamed at :meth:`InstanceSink.finish`; :meth:`InstanceSink.abort`
 leaves nothing behind.
 
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,7 +76,7 @@ COLUMNS = (
 )
 _INTENSITY = ("mean_intensity", "max_intensity", "integrated_intensity")
 _CSV_ROWS = 8192
-_SLICE_PX = 1 << 22  # pixels of the slices of a band the labeller takes at a time (128 rows of 32768)
+_SLICE_PX = 1 << 21  # pixels of the slices of a band the labeller takes at a time (64 rows of 32768)
 
 BandWriter = Callable[[npt.NDArray[Any], int], None]
 
@@ -199,28 +202,74 @@ def _fmt(v: Any) -> Any:
 
 
 class _Measure:
-    """Per-object sums over the bands of one plane (final ids 1..count), ~48 bytes an object.
+    """Per-object sums over the bands of one plane, kept only for the objects not yet complete.
+
+    Final ids are numbered in raster order of their first pixel and an object's rows are
+    contiguous, so once a band is added, every object with an id below the smallest one in
+    the band is complete: those are handed to ``done`` as table pieces (columns of equal
+    length, ``rows`` objects or more at a time, in id order). Memory: ~48 bytes per object
+    between the oldest incomplete one and the newest seen, not per object of the image.
 
     Every supported input dtype (uint8, uint16, int16, float32) is exact in float32, so the
     maxima are kept in it; sums in float64."""
 
-    def __init__(self, count: int, channels: int) -> None:
-        n = count + 1
-        self.count, self.channels = count, channels
-        self.area = np.zeros(n, np.int32)
-        self.sum_y = np.zeros(n)
-        self.sum_x = np.zeros(n)
+    _SLICE_PX = 1 << 20  # pixels measured at a time (the temporaries are ~50 bytes a pixel)
+    _ROWS = 65536  # complete objects handed over at a time (one Parquet row group)
+
+    def __init__(
+        self,
+        count: int,
+        channels: int,
+        done: Callable[[dict[str, npt.NDArray[Any]]], None],
+        *,
+        header: ImageHeader,
+        plane: int | None,
+        rows: int | None = None,
+    ) -> None:
+        self.count, self.channels, self.done = count, channels, done
+        self.rows = self._ROWS if rows is None else rows
+        self.header, self.plane = header, plane
+        self.base = 1  # the id at index 0 of the arrays
+        self.top = 0  # the highest id seen
+        self._alloc(1024)
+
+    def _alloc(self, n: int) -> None:
         big = np.iinfo(np.int32).max
+        self.area = np.zeros(n, np.int64)
+        self.sum_y, self.sum_x = np.zeros(n), np.zeros(n)
         self.y0, self.x0 = np.full(n, big, np.int32), np.full(n, big, np.int32)
         self.y1, self.x1 = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        self.total = np.zeros((channels, n))
-        self.peak = np.full((channels, n), -np.inf, np.float32)
+        self.total = np.zeros((self.channels, n))
+        self.peak = np.full((self.channels, n), -np.inf, np.float32)
+
+    _FIELDS = ("area", "sum_y", "sum_x", "y0", "x0", "y1", "x1", "total", "peak")
+
+    def _reserve(self, top: int) -> None:
+        """Room for the ids up to ``top``."""
+        n = top - self.base + 1
+        if n <= self.area.shape[-1]:
+            return
+        old = {f: getattr(self, f) for f in self._FIELDS}
+        used = self.top - self.base + 1
+        self._alloc(max(n, self.area.shape[-1] * 2))
+        for f, a in old.items():
+            getattr(self, f)[..., :used] = a[..., :used]
 
     def add(self, ids: npt.NDArray[np.uint32], y0: int, image: npt.NDArray[Any]) -> None:
+        """The final ids of rows ``y0...`` and the input's (C, rows, X) values under them."""
+        step = max(1, self._SLICE_PX // max(ids.shape[1], 1))
+        lowest = self.top + 1
+        for r in range(0, len(ids), step):
+            lowest = min(lowest, self._add(ids[r : r + step], y0 + r, image[:, r : r + step]))
+        if lowest - self.base >= self.rows:
+            self._flush(lowest)
+
+    def _add(self, ids: npt.NDArray[np.uint32], y0: int, image: npt.NDArray[Any]) -> int:
+        """Sum rows ``y0...``; returns the lowest id in them (past the highest seen: none)."""
         flat = ids.ravel()
         where = np.flatnonzero(flat)
         if not len(where):
-            return
+            return self.top + 1
         order = np.argsort(flat[where], kind="stable")
         where = where[order]  # object pixels, grouped by id
         del order
@@ -228,45 +277,66 @@ class _Measure:
         starts = np.flatnonzero(np.r_[True, obj[1:] != obj[:-1]])
         which = obj[starts].astype(np.int64)
         del obj
+        self._reserve(int(which[-1]))
+        self.top = max(self.top, int(which[-1]))
+        at = which - self.base
         ys, xs = np.divmod(where, ids.shape[1])
         sizes = np.diff(np.r_[starts, len(where)])  # pixels of each object in these rows
-        self.area[which] += sizes.astype(np.int32)
-        self.sum_y[which] += np.add.reduceat(ys, starts) + y0 * sizes
-        self.sum_x[which] += np.add.reduceat(xs, starts)
-        self.y0[which] = np.minimum(self.y0[which], np.minimum.reduceat(ys, starts) + y0)
-        self.y1[which] = np.maximum(self.y1[which], np.maximum.reduceat(ys, starts) + y0 + 1)
-        self.x0[which] = np.minimum(self.x0[which], np.minimum.reduceat(xs, starts))
-        self.x1[which] = np.maximum(self.x1[which], np.maximum.reduceat(xs, starts) + 1)
+        self.area[at] += sizes
+        self.sum_y[at] += np.add.reduceat(ys, starts) + y0 * sizes
+        self.sum_x[at] += np.add.reduceat(xs, starts)
+        self.y0[at] = np.minimum(self.y0[at], np.minimum.reduceat(ys, starts) + y0)
+        self.y1[at] = np.maximum(self.y1[at], np.maximum.reduceat(ys, starts) + y0 + 1)
+        self.x0[at] = np.minimum(self.x0[at], np.minimum.reduceat(xs, starts))
+        self.x1[at] = np.maximum(self.x1[at], np.maximum.reduceat(xs, starts) + 1)
+        del ys, xs
         for c in range(self.channels):
             v = np.asarray(image[c].ravel()[where], np.float64)
-            self.total[c, which] += np.add.reduceat(v, starts)
-            self.peak[c, which] = np.maximum(self.peak[c, which], np.maximum.reduceat(v, starts))
+            self.total[c, at] += np.add.reduceat(v, starts)
+            self.peak[c, at] = np.maximum(self.peak[c, at], np.maximum.reduceat(v, starts))
+        return int(which[0])
 
-    def tables(
-        self, header: ImageHeader, plane: int | None, rows: int = 65536
-    ) -> Iterator[dict[str, npt.NDArray[Any]]]:
-        """The table in pieces of ``rows`` objects (the whole one would take ~100 bytes an object)."""
-        size = header.pixel_size_um
-        for start in range(1, self.count + 1, rows):
-            s = slice(start, min(start + rows, self.count + 1))
-            area = self.area[s].astype(np.int64)
-            t: dict[str, npt.NDArray[Any]] = {}
-            if plane is not None:
-                t["plane"] = np.full(len(area), plane, np.int64)
-            t["id"] = np.arange(s.start, s.stop, dtype=np.int64)
-            t["area_px"] = area
-            if size is not None:
-                t["area_um2"] = area * (size[0] * size[1])
-            t["centroid_y"] = self.sum_y[s] / area
-            t["centroid_x"] = self.sum_x[s] / area
-            t["bbox_y0"], t["bbox_x0"] = self.y0[s].astype(np.int64), self.x0[s].astype(np.int64)
-            t["bbox_y1"], t["bbox_x1"] = self.y1[s].astype(np.int64), self.x1[s].astype(np.int64)
-            for c in range(self.channels):
-                suffix = f"_c{c}" if self.channels > 1 else ""
-                t["mean_intensity" + suffix] = self.total[c, s] / area
-                t["max_intensity" + suffix] = self.peak[c, s].astype(np.float64)
-                t["integrated_intensity" + suffix] = self.total[c, s]
-            yield t
+    def close(self) -> None:
+        """The plane is done: hand over the rest."""
+        if self.top != self.count:
+            raise AssertionError(f"measured {self.top} of {self.count} objects")  # the labeller's contract
+        self._flush(self.count + 1)
+
+    def _flush(self, upto: int) -> None:
+        """Hand over the ids ``base..upto-1`` (complete) and drop them from the arrays."""
+        k = upto - self.base
+        if k <= 0:
+            return
+        self.done(self._piece(k))
+        left = self.top - upto + 1
+        for f in self._FIELDS:
+            a = getattr(self, f)
+            a[..., :left] = a[..., k : k + left].copy()
+            fresh = {"y0": np.iinfo(np.int32).max, "x0": np.iinfo(np.int32).max, "peak": -np.inf}.get(f, 0)
+            a[..., left : left + k] = fresh
+        self.base = upto
+
+    def _piece(self, k: int) -> dict[str, npt.NDArray[Any]]:
+        """The table's columns for the first ``k`` ids of the arrays."""
+        size = self.header.pixel_size_um
+        area = self.area[:k].copy()
+        t: dict[str, npt.NDArray[Any]] = {}
+        if self.plane is not None:
+            t["plane"] = np.full(k, self.plane, np.int64)
+        t["id"] = np.arange(self.base, self.base + k, dtype=np.int64)
+        t["area_px"] = area
+        if size is not None:
+            t["area_um2"] = area * (size[0] * size[1])
+        t["centroid_y"] = self.sum_y[:k] / area
+        t["centroid_x"] = self.sum_x[:k] / area
+        t["bbox_y0"], t["bbox_x0"] = self.y0[:k].astype(np.int64), self.x0[:k].astype(np.int64)
+        t["bbox_y1"], t["bbox_x1"] = self.y1[:k].astype(np.int64), self.x1[:k].astype(np.int64)
+        for c in range(self.channels):
+            suffix = f"_c{c}" if self.channels > 1 else ""
+            t["mean_intensity" + suffix] = self.total[c, :k] / area
+            t["max_intensity" + suffix] = self.peak[c, :k].astype(np.float64)
+            t["integrated_intensity" + suffix] = self.total[c, :k].copy()
+        return t
 
 
 @dataclass
@@ -339,24 +409,33 @@ class InstanceSink:
     def _finish_plane(self, index: int, relabel: Relabel) -> None:
         write = self.inner.band_writer(index, np.uint32)
         plane = self.source.plane(index)
-        measure = _Measure(relabel.count, self.header.channels) if self.table or self.geojson else None
+        crops = _Crops(relabel) if self.geojson is not None else None
+
+        def done(piece: dict[str, npt.NDArray[Any]]) -> None:
+            if self.table is not None:
+                self.table.add(piece)
+            if self.geojson is not None and crops is not None:
+                for i, obj in enumerate(piece["id"].tolist()):
+                    box = [int(piece[c][i]) for c in ("bbox_y0", "bbox_y1", "bbox_x0", "bbox_x1")]
+                    values: dict[str, float] = {"id": obj, "area_px": int(piece["area_px"][i])}
+                    if self.stack:
+                        values["plane"] = index
+                    mask = crops.mask(obj, *box)
+                    self.geojson.add(
+                        feature(obj, mask, box[0], box[2], classification=self.classification, measurements=values)
+                    )
+
+        measure = None
+        if self.table is not None or self.geojson is not None:
+            stack = index if self.stack else None
+            measure = _Measure(relabel.count, self.header.channels, done, header=self.header, plane=stack)
         for y0, ids in relabel.bands():
             write(ids, y0)
             if measure is not None:
                 measure.add(ids, y0, np.asarray(plane[..., y0 : y0 + len(ids), :]))
         self.count += relabel.count
         if measure is not None:
-            if self.table is not None:
-                for piece in measure.tables(self.header, index if self.stack else None):
-                    self.table.add(piece)
-            if self.geojson is not None:
-                for obj, mask, y0, x0 in _objects(relabel, measure):
-                    values: dict[str, float] = {"id": obj, "area_px": int(measure.area[obj])}
-                    if self.stack:
-                        values["plane"] = index
-                    self.geojson.add(
-                        feature(obj, mask, y0, x0, classification=self.classification, measurements=values)
-                    )
+            measure.close()
         relabel.spool.close()
 
     def finish(self) -> None:
@@ -390,24 +469,27 @@ class InstanceSink:
         self._spools.clear()
 
 
-def _objects(relabel: Relabel, measure: _Measure) -> Iterator[tuple[int, npt.NDArray[np.bool_], int, int]]:
-    """``(id, mask of its bounding box, y0, x0)`` for every object, in order of the box's top
-    row, read from the spool: the chunks under the current boxes are kept decoded."""
-    spans = relabel.spool.spans
-    starts = np.array([y for y, _ in spans], np.int64)
-    cache: dict[int, npt.NDArray[np.uint32]] = {}
-    order = np.argsort(measure.y0[1:], kind="stable") + 1
-    for obj in order.tolist():
-        y0, y1 = int(measure.y0[obj]), int(measure.y1[obj])
-        x0, x1 = int(measure.x0[obj]), int(measure.x1[obj])
-        first = int(np.searchsorted(starts, y0, side="right")) - 1
-        last = int(np.searchsorted(starts, y1 - 1, side="right")) - 1
+class _Crops:
+    """Objects' masks read back from the spool, asked for in order of their top row (the
+    order of the ids): the decoded chunks under the current box are kept."""
+
+    def __init__(self, relabel: Relabel) -> None:
+        self.relabel = relabel
+        self.spans = relabel.spool.spans
+        self.starts = np.array([y for y, _ in self.spans], np.int64)
+        self.cache: dict[int, npt.NDArray[np.uint32]] = {}
+
+    def mask(self, obj: int, y0: int, y1: int, x0: int, x1: int) -> npt.NDArray[np.bool_]:
+        """The mask of object ``obj`` in its bounding box (ends exclusive)."""
+        cache, spans = self.cache, self.spans
+        first = int(np.searchsorted(self.starts, y0, side="right")) - 1
+        last = int(np.searchsorted(self.starts, y1 - 1, side="right")) - 1
         for k in [k for k in cache if k < first]:
             del cache[k]
         pieces = []
         for k in range(first, last + 1):
             if k not in cache:
-                cache[k] = relabel.apply(relabel.spool.chunk(k))
+                cache[k] = self.relabel.apply(self.relabel.spool.chunk(k))
             cy0, n = spans[k]
             a, b = max(y0, cy0) - cy0, min(y1, cy0 + n) - cy0
             pieces.append(cache[k][a:b, x0:x1])
@@ -415,4 +497,4 @@ def _objects(relabel: Relabel, measure: _Measure) -> Iterator[tuple[int, npt.NDA
             for k in [k for k in cache if k > first + 1]:
                 del cache[k]
         crop = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-        yield obj, crop == obj, y0, x0
+        return np.asarray(crop == obj)

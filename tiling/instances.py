@@ -53,6 +53,7 @@ __all__ = [
 
 _FOUR = ndimage.generate_binary_structure(2, 1)
 _BG = np.uint32(1 << 31)  # spool values with this bit are background regions, not objects
+_CHUNK_PX = 1 << 20  # pixels per spool chunk
 # growth: the neighbour (dy, dx) looked at first wins: up, left, right, down
 _ORDER = ((-1, 0), (0, -1), (0, 1), (1, 0))
 
@@ -228,14 +229,16 @@ class _UnionFind:
             if rx != ry:
                 self.parent.a[max(rx, ry)] = min(rx, ry)
 
-    def roots(self) -> npt.NDArray[np.int64]:
-        """The root of every id 0..n (pointer jumping)."""
-        p = self.parent.a[: self.n + 1].copy()
+    def resolve(self) -> npt.NDArray[np.int32]:
+        """The root of every id 0..n, by pointer jumping in the parent array itself (which
+        this spends: no further unions)."""
+        p = self.parent.a[: self.n + 1]
         while True:
             q = p[p]
             if np.array_equal(q, p):
                 return p
-            p = q
+            p[:] = q
+            del q
 
 
 class Spool:
@@ -391,7 +394,7 @@ class InstanceLabeller:
             self._done = end
         keep_from = min(max(0, self._done - g), self._rows_in - 1)
         cut = keep_from - self._ctx_y0
-        self._ctx_labels, self._ctx_seeds = self._ctx_labels[cut:], self._ctx_seeds[cut:]
+        self._ctx_labels, self._ctx_seeds = self._ctx_labels[cut:].copy(), self._ctx_seeds[cut:].copy()
         self._ctx_y0 = keep_from
 
     def _decide(self, ids: npt.NDArray[np.int32], y0: int) -> None:
@@ -423,15 +426,23 @@ class InstanceLabeller:
             if both.any():
                 pairs = np.unique(np.stack([above_regions[both], regions[0][both]]), axis=1)
                 self._regions.union(pairs[0], pairs[1])
-            self._touch(above_ids, above_regions, ids[0], regions[0])
-        self._touch(ids[:, :-1], regions[:, :-1], ids[:, 1:], regions[:, 1:])
-        self._touch(ids[:-1], regions[:-1], ids[1:], regions[1:])
+            touching = self._touch(above_ids, above_regions, ids[0], regions[0])
+        else:
+            touching = []
+        touching += self._touch(ids[:, :-1], regions[:, :-1], ids[:, 1:], regions[:, 1:])
+        touching += self._touch(ids[:-1], regions[:-1], ids[1:], regions[1:])
+        got = np.concatenate(touching, axis=1)
+        if got.shape[1]:
+            self._edges.append(np.unique(got, axis=1))
+        del touching, got
         self._last = (ids[-1].copy(), regions[-1].copy())
         if self._objects.n >= int(_BG) or self._regions.n >= int(_BG):
             raise TilingError("more than 2**31 provisional objects in one image")
-        spooled = regions.view(np.uint32) | _BG
-        np.copyto(spooled, ids.view(np.uint32), where=ids > 0)
-        self.spool.write(spooled)
+        step = max(1, _CHUNK_PX // w)  # small chunks: reading them back stays a few MB at a time
+        for r in range(0, len(ids), step):
+            spooled = regions[r : r + step].view(np.uint32) | _BG
+            np.copyto(spooled, ids[r : r + step].view(np.uint32), where=ids[r : r + step] > 0)
+            self.spool.write(spooled)
 
     def _edge_values(self, a: npt.NDArray[Any], y0: int) -> npt.NDArray[Any]:
         """The non-zero ids of ``a`` (rows ``y0...``) on the image's border."""
@@ -449,8 +460,8 @@ class InstanceLabeller:
         a_regions: npt.NDArray[np.int32],
         b_ids: npt.NDArray[np.int32],
         b_regions: npt.NDArray[np.int32],
-    ) -> None:
-        """Record what touches across neighbour pairs (a, b): objects and background pieces
+    ) -> list[npt.NDArray[np.int32]]:
+        """What touches across neighbour pairs (a, b), as (2, k) pairs: objects and background pieces
         (a piece on the image border is never a hole: an object beside one is marked instead
         of the pair), and objects that touch another while either might still be dropped."""
         border = self._region_border.a
@@ -467,35 +478,33 @@ class InstanceLabeller:
             small = self._area.a[o1] < self.rule.min_area
             small |= self._area.a[o2] < self.rule.min_area
             pairs.append(np.stack([o1[small], o2[small]]).astype(np.int32))
-        got = np.concatenate(pairs, axis=1)
-        if got.shape[1]:
-            self._edges.append(np.unique(got, axis=1))
+        return pairs
 
     def finish(self) -> Relabel:
         """All rows were added: resolve the unions, drop small objects, fill holes, number them.
 
-        Arrays here are a few bytes per provisional object and background piece; only the
+        Memory: the records of the bands are spent in place (the union-find's parents become
+        the roots, the areas and first pixels are summed into the roots) and each is freed
+        once used, so the peak is a few bytes per provisional object over them; only the
         pieces off the border (a border piece is never a hole) take part in the void graph."""
         if self._rows_in != self.height:
             raise TilingError(f"{self._rows_in} of the image's {self.height} rows were added")
         n_obj, n_reg = self._objects.n, self._regions.n
-        root = self._objects.roots()  # int32
-        area = np.bincount(root, weights=self._area.a[: n_obj + 1], minlength=n_obj + 1)
-        first = np.full(n_obj + 1, np.iinfo(np.int64).max, np.int64)
-        np.minimum.at(first, root, self._first.a[: n_obj + 1])
-        border = np.zeros(n_obj + 1, bool)
-        border[root[np.flatnonzero(self._border.a[: n_obj + 1])]] = True
-        is_root = (root == np.arange(n_obj + 1, dtype=root.dtype)) & (area > 0)
-        is_root[0] = False
-        kept = is_root & (area >= self.rule.min_area)
-        dropped = is_root & ~kept
-        del area, is_root
-        self._first = self._area = _Grow(0)
-        rroot = self._regions.roots()
-        rborder = np.zeros(n_reg + 1, bool)
-        rborder[rroot[np.flatnonzero(self._region_border.a[: n_reg + 1])]] = True
-        self._regions = _UnionFind()
-        self._region_border = _Grow(0)
+        # objects: the root of each provisional id, and the root's area, first pixel and border flag
+        root = self._objects.resolve()  # int32
+        area, first = self._area.a[: n_obj + 1], self._first.a[: n_obj + 1]
+        border = self._border.a[: n_obj + 1]
+        self._objects, self._area, self._first, self._border = _UnionFind(), _Grow(0), _Grow(0), _Grow(0)
+        _into_roots(root, area, first, border)
+        kept = area >= max(self.rule.min_area, 1)  # the pieces that are not roots have no area now
+        dropped = (area > 0) & ~kept
+        kept[0] = dropped[0] = False
+        del area
+        # background pieces: roots, and whether each root's piece touches the image border
+        rroot = self._regions.resolve()
+        rborder = self._region_border.a[: n_reg + 1]
+        self._regions, self._region_border = _UnionFind(), _Grow(0)
+        _into_roots(rroot, None, None, rborder)
         # the recorded pairs as roots: objects > 0, regions < 0
         edges = np.concatenate(self._edges, axis=1) if self._edges else np.zeros((2, 0), np.int32)
         self._edges = []
@@ -504,70 +513,110 @@ class InstanceLabeller:
             row[obj] = root[row[obj]]
             row[~obj] = -rroot[-row[~obj]]
         # a dropped object beside a piece that turned out to touch the border is in a border void
-        reg_side = edges < 0
-        on_border = reg_side & rborder[np.clip(-edges, 0, None)]
+        on_border = (edges < 0) & (rborder[np.clip(-edges, 0, None)] > 0)
         hit = on_border[::-1] & (edges > 0)  # the object end of a pair whose region end is on the border
-        border[edges[hit]] = True
-        keep = ~on_border.any(axis=0)
-        edges = edges[:, keep]
+        border[edges[hit]] = 1
+        edges = edges[:, ~on_border.any(axis=0)]
+        del on_border, hit
         # voids: dropped objects and off-border region roots, joined where they touch
-        region_roots = np.flatnonzero((rroot == np.arange(n_reg + 1, dtype=rroot.dtype)) & ~rborder)
+        region_roots = np.flatnonzero((rroot == np.arange(n_reg + 1, dtype=rroot.dtype)) & (rborder == 0))
         region_roots = region_roots[region_roots > 0]
-        dropped_ids = np.flatnonzero(dropped)
-        obj_void = np.full(n_obj + 1, -1, np.int32)
-        obj_void[dropped_ids] = np.arange(len(dropped_ids), dtype=np.int32)
-        reg_void = np.full(n_reg + 1, -1, np.int32)
-        reg_void[region_roots] = np.arange(len(dropped_ids), len(dropped_ids) + len(region_roots), dtype=np.int32)
         del rborder
+        dropped_ids = np.flatnonzero(dropped)
+        nd = len(dropped_ids)
+        nv = nd + len(region_roots)
 
         def void_of(e: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
-            return np.where(e > 0, obj_void[np.clip(e, 0, None)], reg_void[np.clip(-e, 0, None)])
+            """The void node of each pair end (-1: a kept object)."""
+            out = _position(dropped_ids, e)
+            regs = e < 0
+            at = _position(region_roots, -e[regs])
+            out[regs] = np.where(at >= 0, at + nd, -1)
+            return out
 
         va, vb = void_of(edges[0]), void_of(edges[1])
-        nv = len(dropped_ids) + len(region_roots)
-        void = np.zeros(0, np.int64)
+        void = np.zeros(0, np.int32)
         if nv:
             both = (va >= 0) & (vb >= 0)
             graph = coo_matrix((np.ones(int(both.sum()), np.int8), (va[both], vb[both])), shape=(nv, nv))
-            void = np.asarray(connected_components(graph, directed=False)[1], np.int64)
+            del both
+            void = np.asarray(connected_components(graph, directed=False)[1], np.int32)
             del graph
         nvoid = int(void.max()) + 1 if nv else 0
         vborder = np.zeros(nvoid, bool)
-        if len(dropped_ids):
-            vborder[void[: len(dropped_ids)][border[dropped_ids]]] = True
+        if nd:
+            vborder[void[:nd][border[dropped_ids] > 0]] = True
+        del border, dropped
         owner = np.zeros(nvoid, np.int64)  # the one kept object around a void, else 0
         if self.rule.fill_holes and nvoid:
-            obj_end = np.concatenate([edges[0], edges[1]])
-            other = np.concatenate([vb, va])
-            ok = (obj_end > 0) & kept[np.clip(obj_end, 0, None)] & (other >= 0)
-            touch_void, touch_obj = void[other[ok]], obj_end[ok].astype(np.int64)  # (void, kept object) pairs
-            del obj_end, other, ok
-            low = np.full(nvoid, np.iinfo(np.int64).max, np.int64)
-            high = np.zeros(nvoid, np.int64)
-            np.minimum.at(low, touch_void, touch_obj)  # one object around it: its lowest and highest agree
-            np.maximum.at(high, touch_void, touch_obj)
-            del touch_void, touch_obj
-            count = np.where(high == 0, 0, np.where(low == high, 1, 2))
-            owner[:] = high
-            owner[(count != 1) | vborder] = 0
-        del edges, va, vb
-        # canonical numbering of the kept objects
-        kept_ids = np.flatnonzero(kept)
-        order = np.argsort(first[kept_ids], kind="stable")
+            low = np.full(nvoid, np.iinfo(np.int32).max, np.int32)
+            high = np.zeros(nvoid, np.int32)
+            for obj_end, other in ((edges[0], vb), (edges[1], va)):  # (kept object, void) pairs
+                ok = (obj_end > 0) & kept[np.clip(obj_end, 0, None)] & (other >= 0)
+                touch_void, touch_obj = void[other[ok]], obj_end[ok]
+                del ok
+                np.minimum.at(low, touch_void, touch_obj)  # one object around it: its lowest and highest agree
+                np.maximum.at(high, touch_void, touch_obj)
+                del touch_void, touch_obj
+            owner[:] = np.where((high > 0) & (low == high) & ~vborder, high, 0)
+            del low, high
+        del edges, va, vb, vborder
+        # canonical numbering of the kept objects: by first pixel (the ids' own order when no
+        # growth reached above or left of a seed)
+        kept_ids = np.flatnonzero(kept).astype(np.int32)
+        del kept
+        keys = first[kept_ids]
         del first
+        if len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1])):
+            order = np.argsort(keys, kind="stable")
+            del keys
+            kept_ids = kept_ids[order]
+            del order
+        else:
+            del keys
+        count = len(kept_ids)
         final = np.zeros(n_obj + 1, np.uint32)
-        final[kept_ids[order]] = np.arange(1, len(kept_ids) + 1, dtype=np.uint32)
-        void_final = final[owner] if nvoid else np.zeros(0, np.uint32)
+        final[kept_ids] = np.arange(1, count + 1, dtype=np.uint32)
+        del kept_ids
+        void_final = final[owner]  # a void's fill: its owner's final id, or 0
+        if nd:
+            final[dropped_ids] = void_final[void[:nd]]
         obj_lut = final[root]
-        gone = np.flatnonzero(dropped[root])
-        if len(gone):
-            obj_lut[gone] = void_final[void[obj_void[root[gone]]]]
-        reg_lut = np.zeros(n_reg + 1, np.uint32)
-        rv = reg_void[rroot]
-        has = np.flatnonzero(rv >= 0)
-        if len(has):
-            reg_lut[has] = void_final[void[rv[has]]]
+        del final, root
+        region_final = np.zeros(n_reg + 1, np.uint32)
+        region_final[region_roots] = void_final[void[nd:]]
+        reg_lut = region_final[rroot]
+        del region_final, rroot
         obj_lut[0] = reg_lut[0] = 0
-        self._objects = _UnionFind()
-        self._border = _Grow(0)
-        return Relabel(len(kept_ids), obj_lut, reg_lut, self.spool)
+        return Relabel(count, obj_lut, reg_lut, self.spool)
+
+
+def _into_roots(
+    root: npt.NDArray[np.int32],
+    area: npt.NDArray[Any] | None,
+    first: npt.NDArray[Any] | None,
+    flag: npt.NDArray[Any] | None,
+) -> None:
+    """Sum each id's record into its root's, in place: ``area`` added (then 0 off the roots),
+    ``first`` the minimum, ``flag`` set where any of the root's ids has it."""
+    moved = np.flatnonzero(root != np.arange(len(root), dtype=root.dtype))
+    if not len(moved):
+        return
+    to = root[moved]
+    if area is not None:
+        np.add.at(area, to, area[moved])
+        area[moved] = 0
+    if first is not None:
+        np.minimum.at(first, to, first[moved])
+    if flag is not None:
+        flag[to[flag[moved] > 0]] = 1
+
+
+def _position(ids: npt.NDArray[Any], values: npt.NDArray[Any]) -> npt.NDArray[np.int32]:
+    """The index of each value in the sorted ``ids``, or -1 where it is not one of them."""
+    out = np.full(len(values), -1, np.int32)
+    if len(ids):
+        at = np.minimum(np.searchsorted(ids, values), len(ids) - 1)
+        hit = ids[at] == values
+        out[hit] = at[hit]
+    return out

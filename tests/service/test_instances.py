@@ -476,10 +476,21 @@ def test_bands_fed_to_the_labeller_in_thin_slices_give_the_same_ids(
     case: tuple[Path, np.ndarray[Any, Any], np.ndarray[Any, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Wide images are labelled a few rows at a time (memory); a 700-px wide one, 16 at a time."""
+    """Wide images are labelled a few rows at a time, spooled in small chunks and measured a
+    few rows at a time, the table handed over as objects complete (memory); here a 700-px
+    wide one: 16 rows labelled at a time, chunks of 5 rows, 3 rows measured at a time and
+    the table in pieces of 2 objects."""
     import service.instances
+    import tiling.instances
 
-    src, mask, _ = case
+    src, mask, image = case
     monkeypatch.setattr(service.instances, "_SLICE_PX", 700 * 16)
-    segment_file(identity, src, tmp_path / "o.tif", Options(output="instances"), stream_above_mb=0)
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "o.tif"), label_instances(mask, RULE))
+    monkeypatch.setattr(tiling.instances, "_CHUNK_PX", 700 * 5)
+    monkeypatch.setattr(service.instances._Measure, "_SLICE_PX", 700 * 3)
+    monkeypatch.setattr(service.instances._Measure, "_ROWS", 2)
+    options = Options(output="instances", table=tmp_path / "t.csv", geojson=tmp_path / "s.geojson")
+    segment_file(identity, src, tmp_path / "o.tif", options, stream_above_mb=0)
+    want = label_instances(mask, RULE)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "o.tif"), want)
+    assert_table_matches(tmp_path / "t.csv", want, image, pixel_um2=(25400 / 2.0) ** 2)
+    assert_shapes_match(tmp_path / "s.geojson", want)
