@@ -233,23 +233,39 @@ class _Measure:
         self.top = 0  # the highest id seen
         self._alloc(1024)
 
-    def _alloc(self, n: int) -> None:
-        big = np.iinfo(np.int32).max
-        self.area = np.zeros(n, np.int64)
-        self.sum_y, self.sum_x = np.zeros(n), np.zeros(n)
-        self.y0, self.x0 = np.full(n, big, np.int32), np.full(n, big, np.int32)
-        self.y1, self.x1 = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        self.total = np.zeros((self.channels, n))
-        self.peak = np.full((self.channels, n), -np.inf, np.float32)
+    area: npt.NDArray[np.int64]
+    sum_y: npt.NDArray[np.float64]
+    sum_x: npt.NDArray[np.float64]
+    y0: npt.NDArray[np.int32]
+    x0: npt.NDArray[np.int32]
+    y1: npt.NDArray[np.int32]
+    x1: npt.NDArray[np.int32]
+    total: npt.NDArray[np.float64]  # (channels, n)
+    peak: npt.NDArray[np.float32]  # (channels, n)
+    _BIG = np.iinfo(np.int32).max
+    # (name, dtype, value before any pixel, one per channel)
+    _FIELDS = (
+        ("area", np.int64, 0, False),
+        ("sum_y", np.float64, 0, False),
+        ("sum_x", np.float64, 0, False),
+        ("y0", np.int32, _BIG, False),
+        ("x0", np.int32, _BIG, False),
+        ("y1", np.int32, 0, False),
+        ("x1", np.int32, 0, False),
+        ("total", np.float64, 0, True),
+        ("peak", np.float32, -np.inf, True),
+    )
 
-    _FIELDS = ("area", "sum_y", "sum_x", "y0", "x0", "y1", "x1", "total", "peak")
+    def _alloc(self, n: int) -> None:
+        for name, dtype, fill, per_channel in self._FIELDS:
+            setattr(self, name, np.full((self.channels, n) if per_channel else n, fill, dtype))
 
     def _reserve(self, top: int) -> None:
         """Room for the ids up to ``top``."""
         n = top - self.base + 1
         if n <= self.area.shape[-1]:
             return
-        old = {f: getattr(self, f) for f in self._FIELDS}
+        old = {f[0]: getattr(self, f[0]) for f in self._FIELDS}
         used = self.top - self.base + 1
         self._alloc(max(n, self.area.shape[-1] * 2))
         for f, a in old.items():
@@ -309,11 +325,10 @@ class _Measure:
             return
         self.done(self._piece(k))
         left = self.top - upto + 1
-        for f in self._FIELDS:
-            a = getattr(self, f)
+        for name, _, fill, _ in self._FIELDS:
+            a = getattr(self, name)
             a[..., :left] = a[..., k : k + left].copy()
-            fresh = {"y0": np.iinfo(np.int32).max, "x0": np.iinfo(np.int32).max, "peak": -np.inf}.get(f, 0)
-            a[..., left : left + k] = fresh
+            a[..., left : left + k] = fill
         self.base = upto
 
     def _piece(self, k: int) -> dict[str, npt.NDArray[Any]]:
