@@ -207,7 +207,7 @@ class _Measure:
     Final ids are numbered in raster order of their first pixel and an object's rows are
     contiguous, so once a band is added, every object with an id below the smallest one in
     the band is complete: those are handed to ``done`` as table pieces (columns of equal
-    length, ``rows`` objects or more at a time, in id order). Memory: ~48 bytes per object
+    length, ``_ROWS`` objects or more at a time, in id order). Memory: ~48 bytes per object
     between the oldest incomplete one and the newest seen, not per object of the image.
 
     Every supported input dtype (uint8, uint16, int16, float32) is exact in float32, so the
@@ -217,18 +217,10 @@ class _Measure:
     _ROWS = 65536  # complete objects handed over at a time (one Parquet row group)
 
     def __init__(
-        self,
-        count: int,
-        channels: int,
-        done: Callable[[dict[str, npt.NDArray[Any]]], None],
-        *,
-        header: ImageHeader,
-        plane: int | None,
-        rows: int | None = None,
+        self, count: int, done: Callable[[dict[str, npt.NDArray[Any]]], None], header: ImageHeader, plane: int | None
     ) -> None:
-        self.count, self.channels, self.done = count, channels, done
-        self.rows = self._ROWS if rows is None else rows
-        self.header, self.plane = header, plane
+        self.count, self.done, self.header, self.plane = count, done, header, plane
+        self.channels = header.channels
         self.base = 1  # the id at index 0 of the arrays
         self.top = 0  # the highest id seen
         self._alloc(1024)
@@ -277,7 +269,7 @@ class _Measure:
         lowest = self.top + 1
         for r in range(0, len(ids), step):
             lowest = min(lowest, self._add(ids[r : r + step], y0 + r, image[:, r : r + step]))
-        if lowest - self.base >= self.rows:
+        if lowest - self.base >= self._ROWS:
             self._flush(lowest)
 
     def _add(self, ids: npt.NDArray[np.uint32], y0: int, image: npt.NDArray[Any]) -> int:
@@ -429,7 +421,7 @@ class InstanceSink:
         def done(piece: dict[str, npt.NDArray[Any]]) -> None:
             if self.table is not None:
                 self.table.add(piece)
-            if self.geojson is not None and crops is not None:
+            if crops is not None and self.geojson is not None:  # crops exist for the shapes
                 for i, obj in enumerate(piece["id"].tolist()):
                     box = [int(piece[c][i]) for c in ("bbox_y0", "bbox_y1", "bbox_x0", "bbox_x1")]
                     values: dict[str, float] = {"id": obj, "area_px": int(piece["area_px"][i])}
@@ -443,7 +435,7 @@ class InstanceSink:
         measure = None
         if self.table is not None or self.geojson is not None:
             stack = index if self.stack else None
-            measure = _Measure(relabel.count, self.header.channels, done, header=self.header, plane=stack)
+            measure = _Measure(relabel.count, done, self.header, stack)
         for y0, ids in relabel.bands():
             write(ids, y0)
             if measure is not None:
