@@ -20,6 +20,7 @@ RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-
     && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[ome-zarr,dask]" \
     && rm /tmp/torch-constraint.txt \
     && python -c "import torch, service.app; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
+    && python -c "from service.routes.page import STATIC; assert (STATIC / 'app.js').is_file(), 'the page is missing'" \
     && groupadd --gid 10001 unet \
     && useradd --create-home --uid 10001 --gid 10001 unet \
     && mkdir -p /models \

@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint typecheck unit bench bench-jobs bench-dask bench-instances bench-smoke load clean
+.PHONY: install serve test lint typecheck unit bench bench-jobs bench-dask bench-instances bench-preview bench-smoke load clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-dask: install
 # --output instances --table on a 32768x32768 image of synthetic nuclei against labels: time and peak RSS
 bench-instances: install
 	$(PY) -m bench.instances $(BENCH_ARGS)
+
+# labels of a 32768x32768 image with and without the preview pyramid a job builds: time, peak RSS, sizes
+bench-preview: install
+	$(PY) -m bench.preview $(BENCH_ARGS)
 
 # connections under load (not part of `make test`): 5,000 idle + 50 posting clients for 60 s on 127.0.0.1
 load: install

@@ -26,7 +26,7 @@ from .http_errors import install_error_handlers
 from .jobs import start_jobs
 from .metrics import MetricsMiddleware
 from .paths import default_checkpoint
-from .routes import docs, health, jobs, metrics, model, segment
+from .routes import docs, health, jobs, metrics, model, page, segment
 from .segmenter import Segmenter
 from .settings import Settings, get_settings
 from .slots import DeviceSlots
@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.include_router(health.router)
+    app.include_router(page.router)  # the page loads without a key; what it asks for needs one
     protected = [Depends(require_api_key)]
     for router in (segment.router, model.router, metrics.router, docs.router, jobs.router):
         app.include_router(router, dependencies=protected)

@@ -48,6 +48,7 @@ __all__ = [
     "QuotaExceededError",
     "StorageError",
     "StorageFullError",
+    "TileNotFoundError",
     "UnsupportedImageError",
     "is_storage_full",
     "storage_error",
@@ -94,6 +95,10 @@ class JobNotFoundError(JobError):
 
 class JobNotReadyError(JobError):
     """The job has no result to download (still running, failed or cancelled)."""
+
+
+class TileNotFoundError(JobError):
+    """A preview tile or level outside the job's preview pyramid."""
 
 
 class JobsOffError(JobError):

@@ -13,6 +13,7 @@ or a filesystem path. Status codes::
     service.errors.InvalidJobIdError        422
     service.errors.JobNotFoundError         404
     service.errors.JobNotReadyError         409
+    service.errors.TileNotFoundError        404  (a preview level or tile outside the pyramid)
     service.errors.QuotaExceededError       507  (the jobs directory's quota UNET_JOBS_QUOTA_MB)
     service.errors.JobsOffError             503  without Retry-After (off by the settings: retrying will not help)
     service.errors.JobError (other)         400
@@ -68,6 +69,7 @@ from .errors import (
     OptionError,
     QuotaExceededError,
     StorageFullError,
+    TileNotFoundError,
     UnsupportedImageError,
     is_storage_full,
 )
@@ -133,6 +135,7 @@ _STATUS: dict[type[BaseException], int] = {
     InvalidJobIdError: 422,
     JobNotFoundError: 404,
     JobNotReadyError: 409,
+    TileNotFoundError: 404,
     QuotaExceededError: 507,
     JobsOffError: 503,
     JobError: 400,

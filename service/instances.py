@@ -51,7 +51,7 @@ from unet.atomic import atomic_path
 from .errors import InputError, OptionError
 from .io import ImageHeader
 from .shapes import GeoJsonWriter, feature
-from .sinks import ImageSink
+from .sinks import ImageSink, ShowsInput
 
 __all__ = [
     "COLUMNS",
@@ -400,6 +400,11 @@ class InstanceSink:
         except BaseException:
             self.abort()
             raise
+
+    def normalized(self, index: int, affine: Any) -> None:
+        """Passed on to the image sink when it shows the input (a preview)."""
+        if isinstance(self.inner, ShowsInput):
+            self.inner.normalized(index, affine)
 
     def plane(self, index: int, plan: TilePlan) -> TileSink:
         spool = Spool(self.header.width, self.spool_dir)

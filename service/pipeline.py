@@ -39,7 +39,7 @@ from tiling import Tile, TilePlan, TileSink
 from .errors import InputError, OptionError
 from .io import ImageData, ImageHeader
 from .segmenter import Segmenter
-from .sinks import ImageSink, MemorySink, PyramidTiffSink, Sink, TiledTiffSink
+from .sinks import ImageSink, MemorySink, PyramidTiffSink, ShowsInput, Sink, TiledTiffSink
 from .sources import NGFF_VERSIONS, ArraySource, Source, TiffSource, is_ome_zarr
 
 __all__ = [
@@ -84,6 +84,8 @@ class Options:
     min_area: int | None = None  # instances: drop smaller objects (px; None: the checkpoint's minimum)
     table: Path | None = None  # instances: a measurement table (.csv, .parquet) beside the image
     geojson: Path | None = None  # instances: QuPath shapes beside the image
+    preview: Path | None = None  # a preview pyramid of plane 0 (service.preview) beside the result
+    preview_max: int | None = None  # store only its levels no larger than this (None: all, for zooming)
 
     @property
     def engine_output(self) -> Literal["labels", "probabilities"]:
@@ -200,6 +202,8 @@ def open_sink(
     image, with the table and GeoJSON of ``options``; its provisional ids are spooled beside
     ``target`` on streamed routes (in memory otherwise)."""
     inner = _image_sink(route, target, header, segmenter, options, source=source, into_input=into_input)
+    if options.preview is not None:
+        inner = _previewed(inner, header, segmenter, options, source)
     if options.output != "instances":
         return inner
     from .instances import InstanceSink, instance_rule  # noqa: PLC0415
@@ -214,6 +218,22 @@ def open_sink(
     except BaseException:
         inner.abort()
         raise
+
+
+def _previewed(
+    inner: ImageSink, header: ImageHeader, segmenter: Segmenter, options: Options, source: Source | None
+) -> ImageSink:
+    from .preview import PreviewSink, preview_writer_for  # noqa: PLC0415
+
+    assert options.preview is not None and source is not None, "a preview shows the input's rows"
+    ck = segmenter.checkpoint
+    try:
+        classes = None if options.output == "instances" else list(ck.class_names)
+        writer = preview_writer_for(options.preview, header, classes, segmenter.background, options.preview_max)
+    except BaseException:
+        inner.abort()
+        raise
+    return PreviewSink(inner, writer, source)
 
 
 def _image_sink(
@@ -362,6 +382,8 @@ def segment(
         for i in range(math.prod(header.stack_shape)):
             plane = source.plane(i)
             affine = segmenter.checkpoint.normalization.fit(plane)  # once per plane, from a bounded sample
+            if isinstance(sink, ShowsInput):
+                sink.normalized(i, affine)
             run_plane(segmenter, plane, plan, affine, sink.plane(i, plan), options.engine_output, progress)
         sink.finish()
     except BaseException:
@@ -423,13 +445,14 @@ def segment_file(
             raise InputError("output path must differ from the input path")
         if not target.parent.is_dir():
             raise InputError(f"output directory does not exist: {target.parent}")
-    for side in (options.table, options.geojson):
+    for side in (options.table, options.geojson, options.preview):
         if side is None:
             continue
         if not Path(side).parent.is_dir():
             raise InputError(f"output directory does not exist: {Path(side).parent}")
         if Path(side).resolve() in {Path(src).resolve(), *([target.resolve()] if target is not None else [])}:
-            raise InputError(f"{side} is the input or the image output: give the table and GeoJSON their own paths")
+            what = "preview" if side == options.preview else "table and GeoJSON"
+            raise InputError(f"{side} is the input or the image output: give the {what} their own paths")
     if options.table is not None and options.table == options.geojson:
         raise InputError("the table and the GeoJSON need different paths")
     zarr_out = into_input or (target is not None and is_ome_zarr(target))

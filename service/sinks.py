@@ -32,13 +32,14 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 import tifffile
 
 from tiling import ArraySink, BandSink, TilePlan, TileSink
+from unet import ChannelAffine
 from unet.atomic import atomic_path
 
 from .errors import UnsupportedImageError
@@ -51,6 +52,7 @@ __all__ = [
     "MemorySink",
     "PyramidTiffSink",
     "RowBlocks",
+    "ShowsInput",
     "Sink",
     "TiledTiffSink",
     "nearest_rows",
@@ -75,6 +77,14 @@ class Sink(Protocol):
 
     def abort(self) -> None:
         """Something failed or was cancelled: remove whatever was written. Never raises."""
+
+
+@runtime_checkable
+class ShowsInput(Protocol):
+    """A sink that shows the input (a preview): :func:`service.pipeline.segment` tells it
+    each plane's fitted normalization before the plane's first tile."""
+
+    def normalized(self, index: int, affine: ChannelAffine) -> None: ...
 
 
 class ImageSink(Sink, Protocol):

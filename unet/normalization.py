@@ -64,6 +64,33 @@ class ChannelAffine:
         one = tuple((1 - o) / s for s, o in zip(self.scale, self.offset, strict=True))
         return zero, one
 
+    @property
+    def window(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The raw values (per channel) that map to the ends of the network's input range:
+        the fitted low/high percentiles (``fixed``: mean -+ 3 std).
+
+        >>> ChannelAffine((0.01,), (-1.0,)).window
+        ((100.0,), (200.0,))
+        """
+        return self._ends()
+
+    def stretch(self, x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """(..., C, H, W) raw values in the window the network's inputs span (the fitted
+        ``low`` .. ``high``) mapped to 0..1 and clipped: the image as the model sees it, for display.
+
+        >>> ChannelAffine((0.01,), (-1.0,), low=(100.0,), high=(200.0,)).stretch(np.array([[[50, 150, 250]]])).tolist()
+        [[[0.0, 0.5, 1.0]]]
+        """
+        low, high = self.window
+        c = x.shape[-3]
+        lo = np.asarray(low, np.float32).reshape(c, 1, 1)
+        span = np.maximum(np.asarray(high, np.float32).reshape(c, 1, 1) - lo, np.float32(1e-12))
+        out = x.astype(np.float32, copy=True)
+        out -= lo
+        out /= span
+        np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+        return np.clip(out, 0.0, 1.0, out=out)
+
     def __call__(self, x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         c = x.shape[-3]
         if c != len(self.scale):

@@ -10,19 +10,25 @@ written atomically. The route (decoded or windowed reads, in-memory or streamed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from unet.atomic import atomic_path
+
 from ..errors import ClusterError, InputError, storage_error
 from ..io import ImageHeader
 from ..paths import default_checkpoint
 from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Route, decoded_bytes, segment_file
+from ..preview import Preview
 from ..sources import NGFF_VERSIONS
 from .common import add_model_options, load_segmenter, positive_int
 
@@ -85,6 +91,13 @@ def _segment(args: argparse.Namespace) -> int:
     )
     if args.min_area is not None and args.output_kind != "instances":
         raise InputError("--min-area applies to --output instances")
+    if args.preview is not None:
+        if args.preview.suffix.lower() != ".png":
+            raise InputError(f"--preview writes a PNG: give a path ending in .png, got {args.preview}")
+        if not args.preview.parent.is_dir():
+            raise InputError(f"output directory does not exist: {args.preview.parent}")
+        if args.scheduler or args.workers:
+            raise InputError("--preview is drawn on this machine: not with --scheduler or --workers")
     t0 = time.perf_counter()
     # the bar appears once the input is open: a refused input or option is one line on stderr
     bar = tqdm(unit="tile", desc="segment", disable=True, file=sys.stderr)
@@ -109,27 +122,36 @@ def _segment(args: argparse.Namespace) -> int:
 
     target = args.output or args.input
     scheduler = args.scheduler or (None if args.workers else os.environ.get("DASK_SCHEDULER_ADDRESS") or None)
-    try:
-        if scheduler or args.workers:
-            report = _on_cluster(args, scheduler, options, advance, opened)
-        else:
-            report = segment_file(
-                load_segmenter(args),
-                args.input,
-                args.output,
-                options,
-                stream_above_mb=args.stream_above,
-                into_input=args.into_input,
-                progress=advance,
-                on_open=opened,
-            )
-    except ClusterError:
-        raise
-    except OSError as e:  # reads are checked (CorruptImageError): an OSError here is the output's
-        raise storage_error(e, f"writing {target}") from None
-    finally:
-        bar.close()
-    log.info("wrote %s in %.2f s", target, time.perf_counter() - t0)
+    with contextlib.ExitStack() as stack:
+        if args.preview is not None:  # the levels an overview of --preview-size needs, in a scratch file
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unet-preview-")))
+            options = replace(options, preview=scratch / "preview.bin", preview_max=args.preview_size)
+        try:
+            if scheduler or args.workers:
+                report = _on_cluster(args, scheduler, options, advance, opened)
+            else:
+                report = segment_file(
+                    load_segmenter(args),
+                    args.input,
+                    args.output,
+                    options,
+                    stream_above_mb=args.stream_above,
+                    into_input=args.into_input,
+                    progress=advance,
+                    on_open=opened,
+                )
+            if options.preview is not None and args.preview is not None:
+                png = Preview(options.preview).overview(args.preview_size)
+                with atomic_path(args.preview) as part:
+                    part.write_bytes(png)
+                target = args.preview
+        except ClusterError:
+            raise
+        except OSError as e:  # reads are checked (CorruptImageError): an OSError here is the output's
+            raise storage_error(e, f"writing {target}") from None
+        finally:
+            bar.close()
+    log.info("wrote %s in %.2f s", args.output or args.input, time.perf_counter() - t0)
     if report is not None and report.objects is not None and not args.quiet:
         print(f"unet-tile: {report.objects} objects", file=sys.stderr)
     return 0
@@ -210,6 +232,21 @@ def register(sub: Any) -> None:
         default=None,
         metavar="PATH",
         help="one polygon per object as GeoJSON that QuPath imports (detections, full-resolution pixels)",
+    )
+    p.add_argument(
+        "--preview",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also write an overview PNG: the input as the model saw it (contrast-stretched), with the mask's"
+        " outlines in colour (plane 0 of a stack)",
+    )
+    p.add_argument(
+        "--preview-size",
+        type=positive_int,
+        default=1024,
+        metavar="PX",
+        help="the overview's longest side at most PX (default 1024; the pyramid level that fits, at least half of it)",
     )
     p.add_argument("--tile-size", type=positive_int, default=388, help="output tile size: 388 (default), 644, 900, ...")
     p.add_argument(

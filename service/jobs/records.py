@@ -29,6 +29,7 @@ class JobOptions:
     series: int = 0  # which image series of the file
     format: Literal["tiff", "ome-zarr"] = "tiff"  # ome-zarr: an OME-Zarr store, downloaded as a zip
     min_area: int | None = None  # instances: drop smaller objects (None: the checkpoint's minimum)
+    preview: bool = True  # build the zoomable preview (/jobs/{id}/preview.png, /jobs/{id}/tiles/...)
 
     @property
     def pipeline(self) -> Options:
@@ -62,6 +63,7 @@ class JobRecord:
     result_bytes: int = 0
     attempts: int = 0
     objects: int | None = None  # instances: how many were found
+    has_preview: bool = False  # a preview was built (not on a Dask cluster, or with preview=false)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,5 +118,6 @@ class JobRecord:
             "objects": self.objects if self.state == "done" else None,
             "table_url": f"/jobs/{self.id}/table" if self.state == "done" and self.objects is not None else None,
             "geojson_url": f"/jobs/{self.id}/geojson" if self.state == "done" and self.objects is not None else None,
+            "preview_url": f"/jobs/{self.id}/preview" if self.state == "done" and self.has_preview else None,
             "expires": self.expires(ttl_s),
         }

@@ -61,6 +61,7 @@ class JobStore:
     RESULTS: ClassVar[dict[str, str]] = {"tiff": "result.tif", "ome-zarr": "result.ome.zarr.zip"}
     STORE = "result.ome.zarr"  # an OME-Zarr result before it is zipped
     TABLE, GEOJSON = "objects.csv", "objects.geojson"  # beside an instances result
+    PREVIEW = "preview.bin"  # the zoomable preview (service.preview)
     PARTIALS = (".*.part", ".level*.raw", ".instances*.spool")  # what the writers leave if the process dies mid-write
 
     def __init__(self, root: str | os.PathLike[str], *, ttl_s: float = 86400.0, quota_bytes: int = 20 << 30) -> None:
@@ -102,6 +103,9 @@ class JobStore:
 
     def geojson_path(self, job_id: str) -> Path:
         return self.dir(job_id) / self.GEOJSON
+
+    def preview_path(self, job_id: str) -> Path:
+        return self.dir(job_id) / self.PREVIEW
 
     # records
     def create_dir(self) -> str:
@@ -216,7 +220,7 @@ class JobStore:
                 uploads += 1
                 continue
             files += self.remove_partials(d.name)
-            for name in (*self.RESULTS.values(), self.TABLE, self.GEOJSON):
+            for name in (*self.RESULTS.values(), self.TABLE, self.GEOJSON, self.PREVIEW):
                 result = d / name
                 if result.exists():
                     with contextlib.suppress(JobNotFoundError, ValueError, TypeError, KeyError):

@@ -279,7 +279,14 @@ class JobWorker:
                 self._finish(job_id, "failed", error="internal error while segmenting", tiles_done=done)
         else:
             size = store.result_path(job_id, record.options.format).stat().st_size
-            self._finish(job_id, "done", tiles_done=done, result_bytes=size, objects=self._objects.pop(job_id, None))
+            self._finish(
+                job_id,
+                "done",
+                tiles_done=done,
+                result_bytes=size,
+                objects=self._objects.pop(job_id, None),
+                has_preview=store.preview_path(job_id).is_file(),
+            )
             log.info("job %s done", job_id)
         finally:
             self._cancel.discard(job_id)
@@ -293,6 +300,7 @@ class JobWorker:
         error: str | None = None,
         result_bytes: int = 0,
         objects: int | None = None,
+        has_preview: bool = False,
     ) -> None:
         self._objects.pop(job_id, None)
 
@@ -305,6 +313,7 @@ class JobWorker:
                 result_bytes,
                 objects,
             )
+            r.has_preview = has_preview
 
         # the upload goes first, so a client that sees the final state never finds it still on disk
         self.store.input_path(job_id).unlink(missing_ok=True)
@@ -330,6 +339,8 @@ class JobWorker:
             )
         if self.cluster is None:
             route = Route.from_json(record.route) if record.route else None  # decided at admission
+            if opts.preview:  # drawn from the tiles as they come (the cluster's blocks are on other machines)
+                pipeline = replace(pipeline, preview=self.store.preview_path(record.id))
 
             def run(dst: Path) -> None:
                 report = segment_file(

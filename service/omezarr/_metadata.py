@@ -19,7 +19,6 @@ __all__ = [  # private to the package: what source.py and sink.py use
     "_FORMATS",
     "_LABEL_NAME",
     "_LETTER",
-    "_PALETTE",
     "_RANK",
     "_UM_PER_UNIT",
     "_json",
@@ -48,18 +47,6 @@ _UM_PER_UNIT = {
     "inch": 25400.0,
     "foot": 304800.0,
 }
-_PALETTE = (  # rgb of classes 1, 2, ... (cycled); class `background` is transparent
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-)
 _LABEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

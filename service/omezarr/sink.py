@@ -21,8 +21,9 @@ from unet.atomic import atomic_path
 
 from ..errors import UnsupportedImageError, storage_error
 from ..io import ImageHeader
+from ..preview import class_colors
 from ..sources import NGFF_VERSIONS, Source, plane_count
-from ._metadata import _LABEL_NAME, _PALETTE, _RANK, _json, _labels_list
+from ._metadata import _LABEL_NAME, _RANK, _json, _labels_list
 from ._pyramid import _factors_of, _Layout, _PlaneWriter
 from .blocks import BlockWriter, block_levels, finish_levels
 from .source import OmeZarrSource
@@ -237,12 +238,11 @@ class OmeZarrSink:
     def _image_label(self) -> dict[str, Any]:
         if self.instances:  # one value per object: viewers colour them themselves
             return {"source": {"image": "../../"}}
-        colors, properties, n = [], [], 0
-        for k, class_name in enumerate(self.class_names):
-            rgba = [0, 0, 0, 0]
-            if k != self.background:
-                rgba, n = [*_PALETTE[n % len(_PALETTE)], 255], n + 1
-            colors.append({"label-value": k, "rgba": rgba})
+        colors, properties = [], []
+        for k, (class_name, rgb) in enumerate(
+            zip(self.class_names, class_colors(len(self.class_names), self.background), strict=True)
+        ):
+            colors.append({"label-value": k, "rgba": [*rgb, 255] if rgb is not None else [0, 0, 0, 0]})
             properties.append({"label-value": k, "class": class_name})
         return {"colors": colors, "properties": properties, "source": {"image": "../../"}}
 

@@ -25,6 +25,9 @@ __all__ = [
     "JobView",
     "MinAreaQuery",
     "OutputQuery",
+    "PreviewClass",
+    "PreviewLevel",
+    "PreviewView",
     "SegmentOutputQuery",
     "SeriesQuery",
     "TileSizeQuery",
@@ -69,6 +72,7 @@ class JobOptionsView(BaseModel):
     pyramid: bool
     series: int = Field(default=0, ge=0, description="the image series segmented")
     min_area: int | None = Field(default=None, description="instances: the minimum object size asked for (px)")
+    preview: bool = Field(default=True, description="whether a zoomable preview is built")
 
 
 class JobView(BaseModel):
@@ -96,7 +100,36 @@ class JobView(BaseModel):
     objects: int | None = Field(description="instances: how many objects were found (set once done)")
     table_url: str | None = Field(description="instances: the measurement table (CSV), once done")
     geojson_url: str | None = Field(description="instances: the objects' outlines (GeoJSON for QuPath), once done")
+    preview_url: str | None = Field(
+        default=None, description="the preview's description (levels, classes), once done; null without a preview"
+    )
     expires: float | None = Field(description="Unix time the job and its result are deleted (UNET_JOBS_TTL_S)")
+
+
+class PreviewClass(BaseModel):
+    value: int = Field(description="the class value in the mask (instances: 1 = any object)")
+    name: str
+    rgb: list[int] | None = Field(description="its colour in the overlay; null: not drawn (background)")
+
+
+class PreviewLevel(BaseModel):
+    level: int = Field(ge=0, description="0 = full resolution")
+    factor: int = Field(ge=1, description="2**level: image pixels per preview pixel on each axis")
+    shape: list[int] = Field(description="[height, width] of the level")
+    grid: list[int] = Field(description="[rows, columns] of tiles at the level")
+
+
+class PreviewView(BaseModel):
+    """What a viewer needs to show a job's preview (``GET /jobs/{id}/preview``)."""
+
+    width: int
+    height: int
+    tile: int = Field(description="tile edge in pixels (edge tiles are smaller)")
+    kind: Literal["labels", "instances"]
+    classes: list[PreviewClass]
+    levels: list[PreviewLevel]
+    tiles_url: str = Field(description="template of the tile URLs: replace {level}, {y} and {x}")
+    overview_url: str
 
 
 def header(description: str, schema: dict[str, Any] | None = None, *, required: bool = True) -> dict[str, Any]:

@@ -4,7 +4,9 @@
 ``POST /segment`` and answers 202 at once with the job's id and URL; the upload is
 streamed straight into the jobs directory. ``GET /jobs/{id}`` shows the state and the
 progress (tiles done/total, elapsed, ETA), ``GET /jobs/{id}/result`` the mask, and
-``DELETE /jobs/{id}`` cancels a queued or running job or deletes a finished one.
+``DELETE /jobs/{id}`` cancels a queued or running job or deletes a finished one. A finished
+job also has its preview (:mod:`service.preview`, built while it ran): ``/preview`` (levels,
+classes), ``/preview.png`` (one overview) and ``/tiles/{level}/{y}/{x}.png`` (for zooming).
 
 Job errors propagate to :mod:`service.http_errors`, which maps them to status codes (404,
 409, 422, 507) with everything else. An upload has a time limit overall
@@ -14,6 +16,7 @@ either, 408 and the partial upload is deleted; a disk that fills up during it ge
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -37,23 +40,37 @@ from ..errors import (
 from ..http_errors import UnavailableError
 from ..jobs import JOB_ID_PATTERN, JobOptions, JobRecord, JobWorker
 from ..pipeline import choose_route
+from ..preview import Layer, Preview, Style
 from ..segmenter import Segmenter
 from ..settings import Settings
 from ..sources import TiffSource
 from ..upload import Spool, copy_body
 from .common import (
+    BINARY,
     TIFF,
     UPLOAD_DOC,
     JobView,
     MinAreaQuery,
     OutputQuery,
+    PreviewView,
     SeriesQuery,
     TileSizeQuery,
     error_responses,
     header,
 )
 
-__all__ = ["delete_job", "job_geojson", "job_result", "job_status", "job_table", "router", "submit_job"]
+__all__ = [
+    "delete_job",
+    "job_geojson",
+    "job_preview",
+    "job_preview_png",
+    "job_result",
+    "job_status",
+    "job_table",
+    "job_tile",
+    "router",
+    "submit_job",
+]
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +237,9 @@ async def submit_job(
         Query(description="the result: a TIFF, or an OME-Zarr store (labels; downloaded as a zip of the store)"),
     ] = "tiff",
     min_area: MinAreaQuery = None,
+    preview: Annotated[
+        bool, Query(description="build the zoomable preview: /jobs/{id}/preview.png and /jobs/{id}/tiles/...")
+    ] = True,
 ) -> JSONResponse:
     """Queue the uploaded TIFF as a job: 202 with its id and URL.
 
@@ -232,7 +252,13 @@ async def submit_job(
     if min_area is not None and output != "instances":
         raise OptionError("min_area applies to output=instances")
     options = JobOptions(
-        output=output, tile_size=tile_size, pyramid=pyramid, series=series, format=format, min_area=min_area
+        output=output,
+        tile_size=tile_size,
+        pyramid=pyramid,
+        series=series,
+        format=format,
+        min_area=min_area,
+        preview=preview,
     )
     used = await anyio.to_thread.run_sync(store.usage_bytes)
     declared = request.headers.get("content-length", "")
@@ -373,6 +399,107 @@ async def job_table(request: Request, job_id: JobId) -> FileResponse:
 )
 async def job_geojson(request: Request, job_id: JobId) -> FileResponse:
     return await anyio.to_thread.run_sync(_side_file, request, job_id, "geojson")
+
+
+def _preview(request: Request, job_id: str) -> Preview:
+    worker = _worker(request)
+    record = worker.store.load(job_id)
+    _check_done(record)
+    if not record.has_preview:
+        why = "it was submitted with preview=false" if not record.options.preview else "it ran on a Dask cluster"
+        raise JobNotReadyError(f"job {job_id} has no preview: {why}")
+    path = worker.store.preview_path(job_id)
+    try:
+        stamp = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise JobNotReadyError(f"job {job_id} has no preview: it was removed") from None
+    return _open_preview(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _open_preview(path: str, stamp: int) -> Preview:
+    """A preview's index, parsed once per file (a viewer asks for many tiles of the same one)."""
+    return Preview(path)
+
+
+_PREVIEW_ERRORS = error_responses(
+    (409, "the job has no preview: not done yet, failed, cancelled, submitted with preview=false, or run on a cluster")
+)
+_PNG = {"image/png": {"schema": BINARY}}
+
+
+@router.get(
+    "/{job_id}/preview",
+    summary="Describe a finished job's preview: size, zoom levels, tile URLs and class colours",
+    responses={200: {"model": PreviewView, "description": "the preview"}, **_BY_ID_ERRORS, **_PREVIEW_ERRORS},
+)
+async def job_preview(request: Request, job_id: JobId) -> dict[str, Any]:
+    preview = await anyio.to_thread.run_sync(_preview, request, job_id)
+    return {
+        **preview.describe(),
+        "tiles_url": f"/jobs/{job_id}/tiles/{{level}}/{{y}}/{{x}}.png",
+        "overview_url": f"/jobs/{job_id}/preview.png",
+    }
+
+
+@router.get(
+    "/{job_id}/preview.png",
+    response_class=Response,
+    summary="The whole image with the mask's outlines (or fill) as one PNG, at most max_size on a side",
+    responses={
+        200: {
+            "content": _PNG,
+            "description": "the input contrast-stretched as the model saw it (the fitted normalization's window),"
+            " from the finest pyramid level that fits in max_size, with the mask drawn in its class colours",
+        },
+        **_BY_ID_ERRORS,
+        **_PREVIEW_ERRORS,
+    },
+)
+async def job_preview_png(
+    request: Request,
+    job_id: JobId,
+    max_size: Annotated[int, Query(ge=256, le=4096, description="longest side at most (px)")] = 1024,
+    style: Annotated[
+        Style, Query(description="outline: class-coloured outlines; fill: the classes filled; none: the image")
+    ] = "outline",
+    opacity: Annotated[float, Query(ge=0.0, le=1.0, description="of the outlines or the fill")] = 1.0,
+) -> Response:
+    def render() -> bytes:
+        return _preview(request, job_id).overview(max_size, style, opacity)
+
+    png = await anyio.to_thread.run_sync(render)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get(
+    "/{job_id}/tiles/{level}/{y}/{x}.png",
+    response_class=Response,
+    summary="One 256 x 256 tile of a finished job's preview pyramid",
+    responses={
+        200: {
+            "content": _PNG,
+            "description": "overlay: the image with outlines (RGB); image: the image alone (RGB); outline and"
+            " fill: the mask alone (RGBA, transparent elsewhere), for a viewer that blends them itself",
+        },
+        **_BY_ID_ERRORS,
+        **error_responses((404, "no such job, or the level or tile is outside the preview (see /jobs/{id}/preview)")),
+        **_PREVIEW_ERRORS,
+    },
+)
+async def job_tile(
+    request: Request,
+    job_id: JobId,
+    level: Annotated[int, PathParam(ge=0, le=64, description="0 = full resolution, k = 2**k times smaller")],
+    y: Annotated[int, PathParam(ge=0, description="tile row")],
+    x: Annotated[int, PathParam(ge=0, description="tile column")],
+    layer: Annotated[Layer, Query(description="what the tile shows")] = "overlay",
+) -> Response:
+    def render() -> bytes:
+        return _preview(request, job_id).tile(level, y, x, layer)
+
+    png = await anyio.to_thread.run_sync(render)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.delete(

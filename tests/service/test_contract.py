@@ -153,6 +153,9 @@ DOCUMENTED = {
     "GET /jobs/{job_id}/result": {200, 401, 404, 409, 422, 503},
     "GET /jobs/{job_id}/table": {200, 401, 404, 409, 422, 503},
     "GET /jobs/{job_id}/geojson": {200, 401, 404, 409, 422, 503},
+    "GET /jobs/{job_id}/preview": {200, 401, 404, 409, 422, 503},
+    "GET /jobs/{job_id}/preview.png": {200, 401, 404, 409, 422, 503},
+    "GET /jobs/{job_id}/tiles/{level}/{y}/{x}.png": {200, 401, 404, 409, 422, 503},
 }
 
 

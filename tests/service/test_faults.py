@@ -364,7 +364,7 @@ def test_after_kill_9_mid_job_the_restart_cleans_up_and_the_rerun_gives_the_same
         assert not any((jobs / job_id / name).exists() for name in stale)
         rerun = poll_job(second, job_id, lambda j: j["state"] == "done")
         assert rerun["error"] is None
-        assert sorted(p.name for p in (jobs / job_id).iterdir()) == ["job.json", "result.tif"]
+        assert sorted(p.name for p in (jobs / job_id).iterdir()) == ["job.json", "preview.bin", "result.tif"]
         again_id = second.post("/jobs", content=upload, params=params).json()["id"]
         poll_job(second, again_id, lambda j: j["state"] == "done")
         for level in (0, 1):  # the mask and its half-resolution level

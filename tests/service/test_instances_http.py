@@ -131,4 +131,10 @@ def test_the_job_directory_holds_no_spool(server: Server, case: dict[str, Any]) 
     r = server.post("/jobs", params={"output": "instances"}, content=case["body"], headers=HEADERS)
     job = wait_done(server, r.json()["id"])
     jobs_dir = Path(server.env["jobs_dir"]) / job["id"]
-    assert sorted(p.name for p in jobs_dir.iterdir()) == ["job.json", "objects.csv", "objects.geojson", "result.tif"]
+    assert sorted(p.name for p in jobs_dir.iterdir()) == [
+        "job.json",
+        "objects.csv",
+        "objects.geojson",
+        "preview.bin",
+        "result.tif",
+    ]
