@@ -109,3 +109,15 @@ def test_instances_and_no_preview_jobs(server: Server) -> None:
         r = server.get(f"/jobs/{job['id']}/{path}")
         assert r.status_code == 409
         assert r.json() == {"detail": f"job {job['id']} has no preview: it was submitted with preview=false"}
+
+
+def test_the_page_and_its_files_come_from_this_server_only(server: Server) -> None:
+    page = server.get("/")
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["content-security-policy"].startswith("default-src 'self';")
+    for name, media in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        r = server.get(f"/static/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(media)
+        assert f'/static/{name}"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from elsewhere
+    assert "https://" not in server.get("/static/app.js").text
