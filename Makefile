@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint typecheck unit bench bench-jobs bench-dask bench-instances bench-preview bench-smoke load clean
+.PHONY: install serve test lint typecheck unit bench bench-jobs bench-dask bench-instances bench-preview bench-batch bench-smoke load clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench-instances: install
 # labels of a 32768x32768 image with and without the preview pyramid a job builds: time, peak RSS, sizes
 bench-preview: install
 	$(PY) -m bench.preview $(BENCH_ARGS)
+
+# a folder of 20 images: 20 single `unet-tile segment` runs against one batch run (--dir/--outdir)
+bench-batch: install
+	$(PY) -m bench.batch $(BENCH_ARGS)
 
 # connections under load (not part of `make test`): 5,000 idle + 50 posting clients for 60 s on 127.0.0.1
 load: install

@@ -4,7 +4,7 @@ Writes a ``--size`` x ``--size`` uint16 tiled BigTIFF of synthetic nuclei (``une
 images of 1024 x 1024 laid side by side; 8 different ones), then runs, as child processes,
 
 1. ``unet-tile segment big.tif -o labels.tif`` (class labels: the baseline), and
-2. ``unet-tile segment big.tif -o inst.tif --output instances --table objects.csv``,
+2. ``unet-tile segment big.tif -o inst.tif --kind instances --table objects.csv``,
 
 with the same model and options, and reports each one's wall time and peak RSS
 (``ru_maxrss`` of the child), the object count, and the ratios of 2. against 1. from the same
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 {"row": "labels", **_run([exe, "segment", str(big), "-o", str(d / "labels.tif"), *common, "-q"])}
             )
-        cmd = [exe, "segment", str(big), "-o", str(d / "inst.tif"), "--output", "instances"]
+        cmd = [exe, "segment", str(big), "-o", str(d / "inst.tif"), "--kind", "instances"]
         cmd += ["--table", str(d / "objects.csv"), *(["--geojson", str(d / "nuclei.geojson")] if args.geojson else [])]
         inst = _run([*cmd, *common])  # without -q: the object count is printed
         rows.append({"row": "instances" + (" + geojson" if args.geojson else "") + " + table", **inst})

@@ -64,7 +64,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STREAM_ABOVE_MB = 256  # decoded input size above which TIFF inputs are read window by window
+DEFAULT_STREAM_ABOVE_MB = 256  # decoded input size (MiB) above which TIFF inputs are read window by window
 Progress = Callable[[int], None]  # called with the number of tiles just finished
 Output = Literal["labels", "probabilities", "instances"]
 OUTPUTS = ("labels", "probabilities", "instances")
@@ -160,7 +160,7 @@ def choose_route(
         raise OptionError("an OME-Zarr output always has a pyramid; the pyramid option is for TIFF outputs")
     if zarr_out and options.ngff not in NGFF_VERSIONS:
         raise OptionError(f"NGFF version must be one of {', '.join(NGFF_VERSIONS)}, got {options.ngff!r}")
-    large = decoded_bytes(header) > stream_above_mb * 1e6
+    large = decoded_bytes(header) > stream_above_mb * 2**20  # MiB, as every _MB setting
     streamed = labels and (large or options.pyramid or zarr_out or zarr_in)
     read: Literal["decoded", "windowed"] = "windowed" if streamed or zarr_in else "decoded"
     if zarr_out:

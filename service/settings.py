@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     stream_above_mb: float = Field(
         default=256.0,
         ge=0,
-        description="labels for images whose decoded size exceeds this (MB) take the streamed path: every job, and"
+        description="labels for images whose decoded size exceeds this (MiB) take the streamed path: every job, and"
         " `/segment` uploads spooled to disk (above `UNET_SPOOL_MB`)",
     )
 

@@ -28,11 +28,13 @@ _ATTEMPTS = 100  # fresh names tried before giving up (a clash needs the same 48
 
 @contextmanager
 def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on a clean exit, rename it onto ``target``.
+    """Yield a temporary path beside ``target``; on a clean exit, ``fsync`` it and rename it onto
+    ``target`` (then ``fsync`` the directory, so the new name survives a power cut too).
 
     The path is ``.{name}.<random>.part`` in the target's directory: a file created empty
-    (or, with ``directory=True``, an empty directory), with the permissions ``open()`` (or
-    ``mkdir``) would give it under the process's umask. On a clean exit a file replaces
+    (or, with ``directory=True``, an empty directory). The target gets the permissions
+    ``open()`` (or ``mkdir``) would give it under the process's umask, whatever mode the
+    writer's library used (safetensors, ``mkstemp``: 0600). On a clean exit a file replaces
     the target with :func:`os.replace`; a directory takes the place of an existing target
     by renaming the old one aside, the new one in, then deleting the old one (a target
     that never existed is not created half-way). On any exception, ``KeyboardInterrupt``
@@ -65,13 +67,46 @@ def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> I
     part = _create(target, directory)
     try:
         yield part
+        os.chmod(part, (0o777 if directory else 0o666) & ~_umask())  # a writer may have made its own (0600)
+        _sync_tree(part) if directory else _sync(part)  # the data on disk before the name points at it
         if directory:
             _rename_directory(part, target)
         else:
             os.replace(part, target)
+        _sync(target.parent)  # and the rename itself
     except BaseException:
         _remove(part)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux's /proc; else set and put back)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _sync(path: Path) -> None:
+    """``fsync`` a file's data, or a directory's entries (read-only descriptors do on Linux)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    for parent, _, files in os.walk(root):
+        for name in files:
+            _sync(Path(parent) / name)
+        _sync(Path(parent))
 
 
 def _fresh_name(target: Path) -> Path:

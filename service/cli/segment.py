@@ -1,6 +1,7 @@
-"""``unet-tile segment``: an image in (TIFF or OME-Zarr), its mask (or probabilities) out.
+"""``unet-tile segment``: an image in (TIFF or OME-Zarr), its mask (or probabilities) out;
+or many (``IMG...`` or ``--dir DIR``) into ``--outdir`` with the model loaded once.
 
-The output kind follows its name: ``.zarr``/``.ome.zarr`` is an OME-Zarr store (the image
+The output format follows its name: ``.zarr``/``.ome.zarr`` is an OME-Zarr store (the image
 and ``labels/<name>``), anything else a TIFF (``--pyramid``: a pyramidal OME-TIFF);
 ``--into-input`` adds the labels to the input OME-Zarr's own store instead. Every output is
 written atomically. The route (decoded or windowed reads, in-memory or streamed writes) is
@@ -16,20 +17,22 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from tiling import TilingError
+from unet import UNetError
 from unet.atomic import atomic_path
 
-from ..errors import ClusterError, InputError, storage_error
+from ..errors import ClusterError, InputError, StorageError, storage_error
 from ..io import ImageHeader
 from ..paths import default_checkpoint
 from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Route, decoded_bytes, segment_file
 from ..preview import Preview
-from ..sources import NGFF_VERSIONS
+from ..sources import NGFF_VERSIONS, is_ome_zarr
 from .common import add_model_options, load_segmenter, positive_int
 
 __all__ = ["register"]
@@ -68,17 +71,167 @@ def _label_name(text: str) -> str:
     return text
 
 
-def _segment(args: argparse.Namespace) -> int:
-    if args.into_input == (args.output is not None):
-        raise InputError("give -o OUT (a TIFF or an .ome.zarr), or --into-input to add the labels to the input store")
-    if args.pyramid and args.output_kind != "labels":
+KINDS = ("labels", "probabilities", "instances")
+_NAMES = {
+    "labels": "{stem}_masks.tif",
+    "probabilities": "{stem}_probabilities.tif",
+    "instances": "{stem}_instances.tif",
+}
+_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr")
+
+
+class _OutputAction(argparse.Action):
+    """``-o/--output PATH``; ``--output labels|probabilities|instances``, the kind's old spelling,
+    still sets the kind (``--kind`` is its name now), so commands written before keep working."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if option_string == "--output" and values in KINDS:
+            namespace.kind = values
+        else:
+            namespace.output = Path(values)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One input and where its outputs go."""
+
+    src: Path
+    dst: Path | None
+    table: Path | None = None
+    geojson: Path | None = None
+    preview: Path | None = None
+
+
+def _stem(path: Path) -> str:
+    """The name without its image suffix.
+
+    >>> _stem(Path("a/slide.ome.tif")), _stem(Path("b.TIFF")), _stem(Path("c.ome.zarr")), _stem(Path("d.png"))
+    ('slide', 'b', 'c', 'd')
+    """
+    name = path.name
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _named(pattern: str, src: Path, kind: str, what: str) -> str:
+    if "/" in pattern or "\\" in pattern:
+        raise InputError(f"{what} is a file name pattern, without a directory: got {pattern!r}")
+    try:
+        name = pattern.format(stem=_stem(src), name=src.name, kind=kind)
+    except (KeyError, IndexError, ValueError) as e:
+        raise InputError(f"{what} {pattern!r}: the placeholders are {{stem}}, {{name}} and {{kind}} ({e})") from None
+    if not name or name in (".", ".."):
+        raise InputError(f"{what} {pattern!r} gives an empty name for {src.name}")
+    return name
+
+
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    if args.dir is None:
+        return list(args.input)
+    if not args.dir.is_dir():
+        raise InputError(f"--dir is not a directory: {args.dir}")
+    if args.glob is not None:
+        found = [p for p in args.dir.glob(args.glob) if p.is_file() or is_ome_zarr(p)]
+    else:  # TIFFs and OME-Zarr images
+        found = [
+            p
+            for p in args.dir.iterdir()
+            if (p.is_file() and p.suffix.lower() in (".tif", ".tiff"))
+            or (p.suffix.lower() == ".zarr" and is_ome_zarr(p))
+        ]
+    if not found:
+        raise InputError(f"no images in {args.dir} matching {args.glob or '*.tif, *.tiff, *.zarr'}")
+    return [*args.input, *sorted(found)]
+
+
+def _items(args: argparse.Namespace, inputs: list[Path]) -> list[_Item]:
+    """Where each input's outputs go: ``-o`` and the side paths for one input, else ``--outdir``
+    and the name patterns (``--name``, and ``--table``/``--geojson``/``--preview`` as patterns)."""
+    if not args.batch:
+        return [_Item(inputs[0], args.output, args.table, args.geojson, args.preview)]
+    if args.into_input:
+        return [_Item(src, None) for src in inputs]  # each OME-Zarr input gets its labels
+    outdir: Path = args.outdir
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"--outdir is not a directory: {outdir}")
+    pattern = args.name or _NAMES[args.kind]
+    items: list[_Item] = []
+    seen: dict[Path, Path] = {}
+    for src in inputs:
+        sides = {}
+        for what, value in (("--table", args.table), ("--geojson", args.geojson), ("--preview", args.preview)):
+            if value is None:
+                continue
+            text = str(value)
+            if "{" not in text:
+                raise InputError(
+                    f"with several inputs {what} is a name pattern, such as '{{stem}}_{what[2:]}...': got {text!r}"
+                )
+            sides[what] = outdir / _named(text, src, args.kind, what)
+        dst = outdir / _named(pattern, src, args.kind, "--name")
+        for path in (dst, *sides.values()):
+            if path in seen:
+                raise InputError(
+                    f"{seen[path].name} and {src.name} would both write {path.name}: put {{stem}} in the names"
+                )
+            if path.resolve() == src.resolve():
+                raise InputError(
+                    f"{src.name} would be overwritten by its own output: choose another --outdir or --name"
+                )
+            seen[path] = src
+        items.append(_Item(src, dst, sides.get("--table"), sides.get("--geojson"), sides.get("--preview")))
+    return items
+
+
+def _check(args: argparse.Namespace) -> None:
+    """The options that do not go together, before any file is read."""
+    args.batch = args.dir is not None or len(args.input) != 1 or args.outdir is not None
+    if not args.input and args.dir is None:
+        raise InputError("give an input image, several, or --dir DIR")
+    if args.batch:
+        if args.output is not None:
+            raise InputError("with several inputs or --dir, give --outdir DIR (and --name PATTERN), not -o")
+        if args.outdir is None and not args.into_input:
+            raise InputError("with several inputs or --dir, give --outdir DIR for the outputs")
+        if args.scheduler or args.workers:
+            raise InputError("a cluster run takes one input at a time")
+    else:
+        if args.into_input == (args.output is not None):
+            raise InputError(
+                "give -o OUT (a TIFF or an .ome.zarr), or --into-input to add the labels to the input store"
+            )
+        if args.name is not None or args.skip_existing:
+            raise InputError("--name and --skip-existing go with --outdir (several inputs or --dir)")
+    if args.pyramid and args.kind != "labels":
         raise InputError("--pyramid applies to labels output, not probabilities")
     if args.scheduler and args.workers:
         raise InputError("give --scheduler ADDRESS (an existing cluster) or --workers N (a local one), not both")
     if args.block is not None and not (args.scheduler or args.workers or os.environ.get("DASK_SCHEDULER_ADDRESS")):
         raise InputError("--block applies to cluster runs (--scheduler or --workers)")
-    options = Options(
-        output=args.output_kind,
+    if args.min_area is not None and args.kind != "instances":
+        raise InputError("--min-area applies to --kind instances")
+    if args.preview is not None:
+        if args.preview.suffix.lower() != ".png":
+            raise InputError(f"--preview writes a PNG: give a path ending in .png, got {args.preview}")
+        if not args.batch and not args.preview.parent.is_dir():
+            raise InputError(f"output directory does not exist: {args.preview.parent}")
+        if args.scheduler or args.workers:
+            raise InputError("--preview is drawn on this machine: not with --scheduler or --workers")
+
+
+def _segment(args: argparse.Namespace) -> int:
+    _check(args)
+    items = _items(args, _inputs(args))
+    if not args.batch:
+        return _single(args, items[0])
+    return _batch(args, items)
+
+
+def _options(args: argparse.Namespace, item: _Item) -> Options:
+    return Options(
+        output=args.kind,
         tile_size=args.tile_size,
         stride=args.stride,
         pyramid=args.pyramid,
@@ -86,79 +239,138 @@ def _segment(args: argparse.Namespace) -> int:
         ngff=args.ngff,
         label_name=args.label_name,
         min_area=args.min_area,
-        table=args.table,
-        geojson=args.geojson,
+        table=item.table,
+        geojson=item.geojson,
     )
-    if args.min_area is not None and args.output_kind != "instances":
-        raise InputError("--min-area applies to --output instances")
-    if args.preview is not None:
-        if args.preview.suffix.lower() != ".png":
-            raise InputError(f"--preview writes a PNG: give a path ending in .png, got {args.preview}")
-        if not args.preview.parent.is_dir():
-            raise InputError(f"output directory does not exist: {args.preview.parent}")
-        if args.scheduler or args.workers:
-            raise InputError("--preview is drawn on this machine: not with --scheduler or --workers")
-    t0 = time.perf_counter()
-    # the bar appears once the input is open: a refused input or option is one line on stderr
-    bar = tqdm(unit="tile", desc="segment", disable=True, file=sys.stderr)
-    pixels = 0
 
-    def opened(header: ImageHeader, route: Route, tiles: int) -> None:
-        nonlocal pixels, bar
+
+class _Tiles:
+    """The progress bar over one file's tiles; it appears once the input is open (a refused
+    input or option is one line on stderr)."""
+
+    def __init__(self, args: argparse.Namespace, src: Path, *, position: int = 0, leave: bool = True) -> None:
+        self.args, self.src, self.position, self.leave = args, src, position, leave
+        self.bar = tqdm(unit="tile", disable=True, file=sys.stderr)
+        self.pixels = 0
+        self.t0 = time.perf_counter()
+
+    def opened(self, header: ImageHeader, route: Route, tiles: int) -> None:
         if header.series_count > 1:  # a silent choice among several images is a wrong mask waiting to happen
-            print(
-                f"unet-tile: warning: input holds {header.series_count} series; segmented series {header.series}"
-                " (--series N for another)",
+            tqdm.write(
+                f"unet-tile: warning: {self.src.name if not self.leave else 'input'} holds {header.series_count}"
+                f" series; segmented series"
+                f" {header.series} (--series N for another)",
                 file=sys.stderr,
             )
-        pixels = header.pixels // header.channels
-        bar = tqdm(total=tiles, unit="tile", desc="segment", disable=args.quiet, file=sys.stderr)
-        log.info("%s for %s (%.0f MB decoded)", route, args.input, decoded_bytes(header) / 1e6)
+        self.pixels = header.pixels // header.channels
+        desc = "segment" if self.leave else self.src.name[:24]
+        self.bar = tqdm(
+            total=tiles,
+            unit="tile",
+            desc=desc,
+            disable=self.args.quiet,
+            file=sys.stderr,
+            position=self.position,
+            leave=self.leave,
+        )
+        log.info("%s for %s (%.0f MB decoded)", route, self.src, decoded_bytes(header) / 1e6)
 
-    def advance(n: int) -> None:
-        bar.update(n)
-        mpx = pixels * (bar.n / max(bar.total or 1, 1)) / 1e6
-        bar.set_postfix_str(f"{mpx / max(time.perf_counter() - t0, 1e-9):.2f} Mpx/s", refresh=False)
+    def advance(self, n: int) -> None:
+        self.bar.update(n)
+        mpx = self.pixels * (self.bar.n / max(self.bar.total or 1, 1)) / 1e6
+        self.bar.set_postfix_str(f"{mpx / max(time.perf_counter() - self.t0, 1e-9):.2f} Mpx/s", refresh=False)
 
-    target = args.output or args.input
+
+def _run_one(args: argparse.Namespace, item: _Item, segmenter: Any, tiles: _Tiles) -> Any:
+    """Segment one input into its outputs (the preview PNG last); returns the pipeline's report."""
+    options = _options(args, item)
+    target = item.dst or item.src
     scheduler = args.scheduler or (None if args.workers else os.environ.get("DASK_SCHEDULER_ADDRESS") or None)
     with contextlib.ExitStack() as stack:
-        if args.preview is not None:  # the levels an overview of --preview-size needs, in a scratch file
+        if item.preview is not None:  # the levels an overview of --preview-size needs, in a scratch file
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unet-preview-")))
             options = replace(options, preview=scratch / "preview.bin", preview_max=args.preview_size)
         try:
             if scheduler or args.workers:
-                report = _on_cluster(args, scheduler, options, advance, opened)
+                report = _on_cluster(args, item, scheduler, options, tiles.advance, tiles.opened)
             else:
                 report = segment_file(
-                    load_segmenter(args),
-                    args.input,
-                    args.output,
+                    segmenter() if callable(segmenter) else segmenter,
+                    item.src,
+                    item.dst,
                     options,
                     stream_above_mb=args.stream_above,
                     into_input=args.into_input,
-                    progress=advance,
-                    on_open=opened,
+                    progress=tiles.advance,
+                    on_open=tiles.opened,
                 )
-            if options.preview is not None and args.preview is not None:
+            if options.preview is not None and item.preview is not None:
                 png = Preview(options.preview).overview(args.preview_size)
-                with atomic_path(args.preview) as part:
+                with atomic_path(item.preview) as part:
                     part.write_bytes(png)
-                target = args.preview
+                target = item.preview
         except ClusterError:
             raise
         except OSError as e:  # reads are checked (CorruptImageError): an OSError here is the output's
             raise storage_error(e, f"writing {target}") from None
         finally:
-            bar.close()
-    log.info("wrote %s in %.2f s", args.output or args.input, time.perf_counter() - t0)
+            tiles.bar.close()
+    return report
+
+
+def _single(args: argparse.Namespace, item: _Item) -> int:
+    t0 = time.perf_counter()
+    report = _run_one(args, item, lambda: load_segmenter(args), _Tiles(args, item.src))
+    log.info("wrote %s in %.2f s", item.dst or item.src, time.perf_counter() - t0)
     if report is not None and report.objects is not None and not args.quiet:
         print(f"unet-tile: {report.objects} objects", file=sys.stderr)
     return 0
 
 
+def _batch(args: argparse.Namespace, items: list[_Item]) -> int:
+    """Every input with one model: a bad file is reported and skipped (exit 1 at the end, with
+    the list); an output that cannot be written (disk full, read-only) stops the run (exit 2)."""
+    if args.outdir is not None:
+        args.outdir.mkdir(parents=True, exist_ok=True)
+    segmenter = load_segmenter(args)  # once for every file
+    t0 = time.perf_counter()
+    done, skipped, failed = 0, 0, []
+    files = tqdm(total=len(items), unit="file", desc="files", disable=args.quiet, file=sys.stderr, position=0)
+    try:
+        for item in items:
+            outputs = [p for p in (item.dst, item.table, item.geojson, item.preview) if p is not None]
+            if args.skip_existing and outputs and all(p.exists() for p in outputs):
+                skipped += 1
+                files.update(1)
+                continue
+            try:
+                report = _run_one(args, item, segmenter, _Tiles(args, item.src, position=1, leave=False))
+            except StorageError:
+                raise  # every later file would fail alike
+            except (InputError, UNetError, TilingError) as e:
+                failed.append((item.src, str(e)))
+                tqdm.write(f"unet-tile: skipped {item.src}: {e}", file=sys.stderr)
+            else:
+                done += 1
+                if report.objects is not None:
+                    log.info("%s: %d objects", item.src, report.objects)
+            files.update(1)
+    finally:
+        files.close()
+    summary = f"unet-tile: {done} of {len(items)} segmented in {time.perf_counter() - t0:.1f} s"
+    if skipped:
+        summary += f", {skipped} skipped (outputs exist)"
+    if failed:
+        summary += f", {len(failed)} failed:"
+    print(summary, file=sys.stderr)
+    for src, why in failed:
+        print(f"  {src}: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _on_cluster(
     args: argparse.Namespace,
+    item: _Item,
     scheduler: str | None,
     options: Options,
     advance: Any,
@@ -173,8 +385,8 @@ def _on_cluster(
     return segment_on_cluster(
         lambda: connect(scheduler, args.workers),
         args.checkpoint or default_checkpoint(),
-        args.input,
-        args.output,
+        item.src,
+        item.dst,
         options,
         into_input=args.into_input,
         block=args.block,
@@ -193,25 +405,49 @@ def register(sub: Any) -> None:
         help="segment a TIFF or OME-Zarr image into a mask",
         description="Segment a TIFF or OME-Zarr image; the output kind follows the -o name.",
     )
-    p.add_argument("input", type=Path, help="input TIFF/BigTIFF (2-D, multi-channel or a stack) or OME-Zarr image")
+    p.add_argument(
+        "input",
+        type=Path,
+        nargs="*",
+        help="input TIFF/BigTIFF (2-D, multi-channel or a stack) or OME-Zarr image; several go to --outdir",
+    )
     p.add_argument(
         "-o",
-        dest="output",
+        "--output",
+        action=_OutputAction,
         metavar="OUT",
-        type=Path,
         default=None,
         help="output: OUT.tif (TIFF), OUT.ome.tif with --pyramid, or OUT.ome.zarr (OME-Zarr: the image and"
         " labels/NAME); written atomically",
     )
     p.add_argument(
-        "--output",
-        dest="output_kind",
+        "--kind",
         default="labels",
-        choices=["labels", "probabilities", "instances"],
+        choices=list(KINDS),
         help="what to write: uint8 class ids (default), float32 per-class probabilities, or uint32 instances"
         " (0 = background, 1..N = objects)",
     )
-    inst = p.add_argument_group("instances (--output instances)")
+    batch = p.add_argument_group("many images, the model loaded once")
+    batch.add_argument(
+        "--dir", type=Path, default=None, metavar="DIR", help="segment the images in DIR (and any given)"
+    )
+    batch.add_argument(
+        "--glob", default=None, metavar="PATTERN", help="which files of --dir (default: *.tif, *.tiff and *.zarr)"
+    )
+    batch.add_argument(
+        "--outdir", type=Path, default=None, metavar="OUT", help="where the outputs go (made if missing)"
+    )
+    batch.add_argument(
+        "--name",
+        default=None,
+        metavar="PATTERN",
+        help="output name in --outdir: {stem}, {name}, {kind} (default {stem}_masks.tif, {stem}_probabilities.tif,"
+        " {stem}_instances.tif); --table, --geojson and --preview are patterns too",
+    )
+    batch.add_argument(
+        "--skip-existing", action="store_true", help="leave an input whose outputs all exist (a rerun resumes)"
+    )
+    inst = p.add_argument_group("instances (--kind instances)")
     inst.add_argument(
         "--min-area",
         type=int,
@@ -261,7 +497,7 @@ def register(sub: Any) -> None:
         type=float,
         default=DEFAULT_STREAM_ABOVE_MB,
         metavar="MB",
-        help=f"stream images whose decoded size exceeds MB (windowed reads, tiled BigTIFF output; default: {DEFAULT_STREAM_ABOVE_MB}, 0 = always)",
+        help=f"stream images whose decoded size exceeds MB MiB (windowed reads, tiled BigTIFF output; default: {DEFAULT_STREAM_ABOVE_MB}, 0 = always)",
     )
     p.add_argument(
         "--pyramid", action="store_true", help="write a pyramidal OME-TIFF (labels; implies the streamed path)"

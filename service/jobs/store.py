@@ -27,10 +27,8 @@ log = logging.getLogger("service.jobs")  # the package's logger: service.connect
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:  # atomic_path fsyncs it, then the directory
         json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _remove(path: Path) -> None:

@@ -175,4 +175,4 @@ def test_console_script(tmp_path: Path, tiny_checkpoint: Path) -> None:
         "unet-tile: error: not a TIFF file (starts with b'hell'); expected a TIFF image (II*/MM* header)"
     ]
     usage = subprocess.run([UNET_TILE, "segment"], capture_output=True, text=True, check=False)
-    assert usage.returncode == 2 and "required" in usage.stderr
+    assert usage.returncode == 2 and usage.stderr == "unet-tile: error: give an input image, several, or --dir DIR\n"

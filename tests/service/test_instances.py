@@ -366,7 +366,7 @@ def test_cli_instances_table_and_geojson(tmp_path: Path) -> None:
     ("extra", "message"),
     [
         (["--table", "t.csv"], "a table or GeoJSON comes with instances"),
-        (["--min-area", "3"], "--min-area applies to --output instances"),
+        (["--min-area", "3"], "--min-area applies to --kind instances"),
         (["--output", "instances", "--table", "nodir/t.csv"], "output directory does not exist"),
         (["--output", "instances", "--table", "in.tif"], "give the table and GeoJSON their own paths"),
         (["--output", "instances", "--min-area", "-1"], "min area must be >= 0"),

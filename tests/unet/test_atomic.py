@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,23 @@ def test_a_file_cannot_replace_a_directory_and_its_temp_file_goes(tmp_path: Path
 def test_a_missing_parent_directory_is_an_error_at_once(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "nope" / "out.bin"):
         pytest.fail("the body must not run")
+
+
+def test_the_data_and_the_rename_are_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with atomic_path(tmp_path / "out.bin") as part:
+        part.write_bytes(b"data")
+        name = str(part)
+    assert synced == [name, str(tmp_path)]  # the file before the rename, its directory after
+    synced.clear()
+    with atomic_path(tmp_path / "store", directory=True) as part:
+        (part / "a").write_bytes(b"1")
+        store = str(part)
+    assert synced == [f"{store}/a", store, str(tmp_path)]
