@@ -24,6 +24,7 @@ from .deps import ServiceState, require_api_key
 from .errors import JobsOffError
 from .http_errors import install_error_handlers
 from .jobs import start_jobs
+from .logs import RequestIdMiddleware
 from .metrics import MetricsMiddleware
 from .paths import default_checkpoint
 from .routes import docs, health, jobs, metrics, model, page, segment
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state.metrics.track(lambda: slots.queued, lambda: slots.running)
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line has the id
     app.include_router(health.router)
     app.include_router(page.router)  # the page loads without a key; what it asks for needs one
     protected = [Depends(require_api_key)]

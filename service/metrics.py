@@ -5,7 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["Metrics", "MetricsMiddleware"]
@@ -19,8 +28,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # what every Prometheus client exports: process_* (CPU seconds, resident and virtual
+        # memory in bytes, open fds, start time) and python_* (version, garbage collections)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter(
-            "unet_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r
+            "unet_http_requests",
+            "HTTP requests by route, method and status code",
+            ["route", "method", "code"],
+            registry=r,
         )
         self.latency = Histogram(
             "unet_http_request_duration_seconds",
@@ -30,7 +47,7 @@ class Metrics:
             registry=r,
         )
         self.tiles = Counter("unet_tiles_processed", "tiles run through the network", registry=r)
-        self.megapixels = Counter("unet_megapixels_processed", "image megapixels segmented (Y*X*planes)", registry=r)
+        self.pixels = Counter("unet_pixels_processed", "image pixels segmented (Y*X*planes)", registry=r)
         self.segmentations = Counter("unet_segmentations", "segmentation requests by outcome", ["outcome"], registry=r)
         self.queue_depth = Gauge("unet_queue_depth", "segmentation requests admitted but not running", registry=r)
         self.in_flight = Gauge("unet_in_flight", "segmentations running on the device", registry=r)

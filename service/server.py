@@ -21,6 +21,7 @@ from unet import CheckpointError
 
 from .app import create_app
 from .connections import ConnectionLimits, connection_cap, install_log_limits, protocol_class, raise_nofile_limit
+from .logs import configure_logs
 from .paths import default_checkpoint
 from .settings import Settings
 from .slots import DeviceSlots
@@ -90,6 +91,7 @@ def serve(settings: Settings) -> int:
         timeout_keep_alive=math.ceil(limits.keepalive_timeout_s),  # the protocol keeps the exact value
     )
     install_log_limits()  # after Config: it configures uvicorn's loggers
+    configure_logs(settings.log_format)
     server = _Server(config, app.state.service.slots)
     try:
         server.run()

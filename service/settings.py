@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="log level: `critical`, `error`, `warning`, `info` or `debug`"
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="log lines: `text`, or `json` (one object per line: time, level, logger, message, request_id);"
+        " every response carries `X-Request-ID` (the client's, or a new one)",
+    )
     # connections (service.connections): what one process holds, whatever its clients do
     max_connections: int = Field(
         default=8192,

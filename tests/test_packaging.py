@@ -38,5 +38,6 @@ def test_the_wheel_holds_the_page_and_the_demo_model(tmp_path: Path) -> None:
         "service/static/app.css",
         "unet/weights/demo-nuclei.safetensors",
         "service/py.typed",
+        "unet_tile/__init__.py",
     ):
         assert name in names, f"{name} missing from {wheel.name}"

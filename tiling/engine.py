@@ -38,6 +38,16 @@ ProgressCallback = Callable[[int, int], None]  # (tiles done, tiles total)
 Normalize = Callable[[npt.NDArray[Any]], npt.NDArray[np.float32]]
 
 
+class _Unset:
+    """``segment``'s ``normalize`` not given (``None`` is a choice: already normalized)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_UNSET = _Unset()
+
+
 def _as_chw(image: Any) -> Any:
     if image.ndim == 2:
         return image[np.newaxis] if isinstance(image, np.ndarray) else np.asarray(image)[np.newaxis]
@@ -167,7 +177,7 @@ def segment(
     tile_size: int | tuple[int, int] = 388,
     stride: int | tuple[int, int] | None = None,
     batch_size: int | None = None,
-    normalize: Normalize | None = None,
+    normalize: Normalize | _Unset | None = _UNSET,
     depth: int | None = None,
     device: str | None = None,
     precision: str = "fp32",
@@ -179,8 +189,12 @@ def segment(
     ``model``: an ``nn.Module`` (wrapped in :class:`~tiling.predictor.TorchPredictor` on
     ``device`` at ``precision``) or any callable mapping a (B, C, h, w) float32 batch to
     (B, K, h - 2m, w - 2m) scores; ``depth`` is read from ``model.config`` when not given.
-    ``normalize``: maps each raw (B, C, h, w) batch to float32 (default: a plain cast);
-    fit it once per image so every tile is treated alike.
+    ``normalize`` (required): maps each raw (B, C, h, w) batch to float32, fitted once per
+    image so every tile is treated alike: for a checkpoint, ``ck.normalization.fit(image)``;
+    ``None`` for an image that is already normalized (a plain float32 cast). Without it the
+    call is refused: raw camera counts fed to a network trained on normalized inputs give a
+    wrong mask without any error. (:func:`unet_tile.load` and ``Model.segment`` apply the
+    checkpoint's normalization themselves.)
     ``batch_size``: tiles read and predicted together; ``None`` lets a
     :class:`~tiling.predictor.TorchPredictor` choose for its device (cache-sized on the
     CPU, from free memory on CUDA), 4 for other callables. It never changes the result.
@@ -190,9 +204,14 @@ def segment(
 
     >>> crop = lambda x: x[:, :, 92:-92, 92:-92]  # the "identity" valid network
     >>> img = np.arange(35, dtype=np.float32).reshape(5, 7)
-    >>> bool((segment(img, crop, output="probabilities", depth=4)[0] == img).all())
+    >>> bool((segment(img, crop, output="probabilities", depth=4, normalize=None)[0] == img).all())
     True
     """
+    if isinstance(normalize, _Unset):
+        raise TilingError(
+            "pass normalize=: the checkpoint's normalization fitted on this image (ck.normalization.fit(image)),"
+            " or None if the image is already normalized; or use unet_tile.load(...).segment(image), which applies it"
+        )
     if output not in ("labels", "probabilities"):
         raise TilingError(f"output must be 'labels' or 'probabilities', got {output!r}")
     image = _as_chw(image)

@@ -149,7 +149,7 @@ async def segment(
         slots.leave()
         metrics.segmentations.labels(outcome).inc()
     head = run.admitted.header
-    metrics.megapixels.inc(head.pixels // head.channels / 1e6)
+    metrics.pixels.inc(head.pixels // head.channels)
     timing = ", ".join(f"{k};dur={_ms(v)}" for k, v in run.timings.items())
     log.info(
         "segmented %s %s image (%d tiles, %s) in %.2f s [%s]",

@@ -59,7 +59,7 @@ def test_the_key_opens_every_route(server: Any, to_tiff: Callable[..., bytes]) -
     r = server.post("/segment", content=to_tiff(np.zeros((40, 30), np.uint8)), headers=GOOD)
     assert r.status_code == 200 and r.headers["content-type"] == "image/tiff"
     metrics = server.get("/metrics", headers=GOOD).text
-    assert 'unet_http_requests_total{method="GET",route="/model",status="401"}' in metrics
+    assert 'unet_http_requests_total{code="401",method="GET",route="/model"}' in metrics
 
 
 def test_a_request_over_its_time_limit_gets_504_and_stops(server: Any, long_job: bytes) -> None:

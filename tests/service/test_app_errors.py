@@ -312,7 +312,9 @@ def test_beyond_slots_and_queue_requests_get_503_with_retry_after(
         text=True,
     )
     deadline = time.monotonic() + 60
-    while 'route="/segment",status="503"} 2.0' not in tight.get("/metrics").text:  # the script was turned away
+    while (
+        'code="503",method="POST",route="/segment"} 2.0' not in tight.get("/metrics").text
+    ):  # the script was turned away
         assert time.monotonic() < deadline and script.poll() is None
         time.sleep(0.05)
     queued.close()  # a client that leaves while queued ...
@@ -324,7 +326,7 @@ def test_beyond_slots_and_queue_requests_get_503_with_retry_after(
     tight.wait_until(lambda s: s["running"] == 0 and s["queued"] == 0)
     text = tight.get("/metrics").text
     assert 'unet_segmentations_total{outcome="ClientDisconnectedError"} 2.0' in text
-    assert 'unet_http_requests_total{method="POST",route="/segment",status="503"}' in text
+    assert 'unet_http_requests_total{code="503",method="POST",route="/segment"}' in text
 
 
 CORRUPT = Path(__file__).resolve().parents[1] / "data" / "corrupt"

@@ -125,11 +125,18 @@ def test_metrics_count_requests_tiles_and_queue(server: Any, to_tiff: Callable[.
     r = server.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    assert 'unet_http_requests_total{method="POST",route="/segment",status="200"}' in text
-    assert 'unet_http_requests_total{method="POST",route="/segment",status="415"}' in text
+    assert 'unet_http_requests_total{code="200",method="POST",route="/segment"}' in text
+    assert 'unet_http_requests_total{code="415",method="POST",route="/segment"}' in text
     assert 'unet_http_request_duration_seconds_bucket{le="0.1",route="/segment"}' in text
-    for name in ("unet_tiles_processed_total", "unet_megapixels_processed_total", "unet_queue_depth", "unet_in_flight"):
+    for name in (
+        "unet_tiles_processed_total",
+        "unet_pixels_processed_total",
+        "process_resident_memory_bytes",
+        "unet_queue_depth",
+        "unet_in_flight",
+    ):
         assert f"\n{name} " in text
+    assert "\npython_info{" in text and "\npython_gc_collections_total{" in text
     tiles = float(text.split("\nunet_tiles_processed_total ")[1].split()[0])
     assert tiles >= 1
     assert "unet_ready 1.0" in text

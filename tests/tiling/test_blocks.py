@@ -59,7 +59,7 @@ def test_a_real_network_by_blocks_equals_the_whole_run(shape: tuple[int, int]) -
     torch.manual_seed(0)
     model = make_model().eval()
     img = np.random.default_rng(1).random(shape, dtype=np.float32)[None]
-    whole = tiling.segment(img, model, output="probabilities", device="cpu", precision="fp32")
+    whole = tiling.segment(img, model, output="probabilities", device="cpu", precision="fp32", normalize=None)
     got = by_blocks(img, model, 384)
     # the same tiles, batched differently: scores agree to float rounding (as batch sizes do), classes exactly
     np.testing.assert_allclose(got, whole, rtol=0, atol=1e-6)
