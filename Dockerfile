@@ -24,14 +24,16 @@ RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-
     && python -c "from service.routes.page import STATIC; assert (STATIC / 'app.js').is_file(), 'the page is missing'" \
     && groupadd --gid 10001 unet \
     && useradd --create-home --uid 10001 --gid 10001 unet \
-    && mkdir -p /models \
-    && chown unet:unet /models
+    && mkdir -p /models /jobs \
+    && chown unet:unet /models /jobs
 
 # Checkpoints live in a volume; without UNET_CHECKPOINT the bundled demo model is served.
-VOLUME ["/models"]
+# Jobs (uploads, state, results) live in another, so they survive the container.
+VOLUME ["/models", "/jobs"]
 ENV UNET_HOST=0.0.0.0 \
     UNET_PORT=8000 \
-    UNET_DEVICE=auto
+    UNET_DEVICE=auto \
+    UNET_JOBS_DIR=/jobs
 USER 10001:10001
 EXPOSE 8000
 # No curl in the base image: probe with Python's standard library.

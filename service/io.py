@@ -36,6 +36,7 @@ import tifffile
 from .errors import CorruptImageError, ImageTooLargeError, NotATiffError, UnsupportedImageError
 
 __all__ = [
+    "GEOTIFF_TAGS",
     "SUPPORTED_DTYPES",
     "ImageData",
     "ImageHeader",
@@ -43,6 +44,7 @@ __all__ = [
     "check_magic",
     "check_segments",
     "encode_tiff",
+    "geotiff_tags",
     "header_of",
     "read_header",
     "series_of",
@@ -68,6 +70,7 @@ class ImageHeader:
     imagej_spacing: float | None  # z spacing from ImageJ metadata, carried to the output
     series: int = 0  # which of the file's series this is
     series_count: int = 1  # how many series the file holds (pyramid levels not counted)
+    geotiff: tuple[tuple[int, int, int, Any, bool], ...] = ()  # GeoTIFF tags, as tifffile's extratags
 
     @property
     def channel_axis(self) -> str | None:
@@ -183,6 +186,26 @@ def series_of(tif: tifffile.TiffFile) -> list[tifffile.TiffPageSeries]:
     return list(tif.series)
 
 
+# ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams,
+# GeoAsciiParams, GDAL_NODATA: where the image lies on the Earth, carried into every TIFF output
+GEOTIFF_TAGS = (33550, 33922, 34264, 34735, 34736, 34737, 42113)
+
+
+def geotiff_tags(page: Any) -> tuple[tuple[int, int, int, Any, bool], ...]:
+    """A page's GeoTIFF tags as tifffile's ``extratags`` (code, type, count, value, write once)."""
+    out = []
+    for code in GEOTIFF_TAGS:
+        tag = page.tags.get(code)
+        if tag is None:
+            continue
+        value = tag.value
+        if isinstance(value, np.ndarray):
+            value = tuple(value.tolist())
+        count = len(value) if isinstance(value, tuple | list) else 1
+        out.append((code, int(tag.dtype), count, value, True))
+    return tuple(out)
+
+
 def header_of(tif: tifffile.TiffFile, max_pixels: int | None, series: int = 0) -> ImageHeader:
     """The header of series ``series`` of an open file, checked (no pixel decoded)."""
     every = series_of(tif)
@@ -221,7 +244,8 @@ def header_of(tif: tifffile.TiffFile, max_pixels: int | None, series: int = 0) -
     spacing = None
     if tif.imagej_metadata and "spacing" in tif.imagej_metadata:
         spacing = float(tif.imagej_metadata["spacing"])
-    return ImageHeader(shape, axes, dtype, resolution, unit, spacing, series, count)
+    geo = geotiff_tags(page) if isinstance(page, tifffile.TiffPage) else ()
+    return ImageHeader(shape, axes, dtype, resolution, unit, spacing, series, count, geo)
 
 
 def check_segments(tif: tifffile.TiffFile, series: int = 0) -> None:
@@ -280,13 +304,16 @@ def _output_layout(header: ImageHeader, result: npt.NDArray[Any]) -> tuple[npt.N
 
 
 def write_tiff(target: Any, header: ImageHeader, result: npt.NDArray[Any]) -> None:
-    """Write a (planes, [K,] Y, X) result as one compressed TIFF with the input's stack axes and resolution."""
+    """Write a (planes, [K,] Y, X) result as one compressed TIFF with the input's stack axes, resolution
+    and georeferencing (GeoTIFF tags)."""
     data, axes = _output_layout(header, result)
     kwargs: dict[str, Any] = {}
     if header.resolution is not None:
         kwargs["resolution"] = header.resolution
         kwargs["resolutionunit"] = header.resolution_unit
     metadata: dict[str, Any] = {"axes": axes}
+    if header.geotiff:
+        kwargs["extratags"] = header.geotiff
     big = data.nbytes > 2**32 - 2**25
     tifffile.imwrite(
         target,

@@ -293,6 +293,8 @@ def _tiff_options(header: ImageHeader, width: int) -> dict[str, Any]:
     if header.resolution is not None:
         options["resolution"] = header.resolution
         options["resolutionunit"] = header.resolution_unit
+    if header.geotiff:  # the full-resolution image's georeferencing (not the pyramid's sub-levels)
+        options["extratags"] = header.geotiff
     return options
 
 
@@ -462,6 +464,7 @@ class PyramidTiffSink(_StreamedTiff):
                     )
                     for level in levels:
                         level_options = dict(options, buffersize=4 * OUTPUT_TILE * max(level.width, OUTPUT_TILE))
+                        level_options.pop("extratags", None)
                         if header.resolution is not None:
                             level_options["resolution"] = tuple(r / level.factor for r in header.resolution)
                         level_tiles = _plane_tiles(level.bands(), level.rows, level.width, OUTPUT_TILE)

@@ -77,7 +77,8 @@ def test_runs_as_a_non_root_user_serving_on_port_8000() -> None:
     env = " ".join(args for word, args in instructions() if word == "ENV")
     assert "UNET_HOST=0.0.0.0" in env and "UNET_PORT=8000" in env
     assert json.loads(only("ENTRYPOINT")) == ["unet-tile"] and json.loads(only("CMD")) == ["serve"]
-    assert json.loads(only("VOLUME")) == ["/models"]
+    assert json.loads(only("VOLUME")) == ["/models", "/jobs"]
+    assert "UNET_JOBS_DIR=/jobs" in env  # jobs on the volume, not the container's temp dir
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
