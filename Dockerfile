@@ -5,7 +5,7 @@
 #       -e UNET_CHECKPOINT=/models/x.safetensors unet-tile
 # The base image brings CUDA, cuDNN and a CUDA build of PyTorch. Installing the package keeps
 # that torch (a constraint pins it to the installed version), so no multi-GB wheel is pulled.
-FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
+FROM pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

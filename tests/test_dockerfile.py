@@ -55,6 +55,8 @@ def test_cuda_pytorch_base_that_satisfies_the_torch_requirement() -> None:
     floor = re.search(r'"torch>=(\d+)\.(\d+)"', (REPO / "pyproject.toml").read_text())
     assert floor is not None
     assert (int(m[1]), int(m[2])) >= (int(floor[1]), int(floor[2]))  # pip keeps the image's torch
+    tested = re.search(r"^TORCH_SPEC \?= torch==(\d+)\.(\d+)\.\d+$", (REPO / "Makefile").read_text(), re.M)
+    assert tested is not None and (m[1], m[2]) == (tested[1], tested[2])  # the torch `make test` runs with
 
 
 def test_the_package_is_installed_without_pulling_torch_again() -> None:
