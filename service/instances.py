@@ -46,7 +46,7 @@ import numpy.typing as npt
 from tiling import BandSink, TilePlan, TileSink
 from tiling.instances import InstanceLabeller, InstanceRule, Relabel, Spool
 from unet import Checkpoint, CheckpointError
-from unet.atomic import atomic_path
+from unet.atomic import AtomicTarget
 
 from .errors import InputError, OptionError
 from .io import ImageHeader
@@ -134,8 +134,8 @@ class TableWriter:
                 import pyarrow  # noqa: F401, PLC0415
             except ImportError:
                 raise InputError("a .parquet table needs pyarrow (pip install pyarrow); or write a .csv") from None
-        self._atomic = atomic_path(self.path)
-        self.tmp = self._atomic.__enter__()
+        self._atomic = AtomicTarget(self.path)
+        self.tmp = self._atomic.path
         self._parquet: Any = None  # a pyarrow.parquet.ParquetWriter once the first rows come
         self._closed = False
         self._file: Any = None
@@ -183,7 +183,7 @@ class TableWriter:
 
     def finish(self) -> None:
         self.close()
-        self._atomic.__exit__(None, None, None)
+        self._atomic.commit()
 
     def abort(self) -> None:
         for f in (self._file, self._parquet):
@@ -191,8 +191,7 @@ class TableWriter:
                 with contextlib.suppress(Exception):
                     f.close()
         with contextlib.suppress(BaseException):
-            error = RuntimeError("aborted")
-            self._atomic.__exit__(RuntimeError, error, None)
+            self._atomic.discard()
 
 
 def _fmt(v: Any) -> Any:

@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from tiling import BandSink, Tile, TilePlan, TileSink
 from unet import ChannelAffine
-from unet.atomic import atomic_path
+from unet.atomic import AtomicTarget
 
 from .errors import InputError, TileNotFoundError
 from .io import ImageHeader
@@ -259,8 +259,8 @@ class PreviewWriter:
         self.stored = [max_edge is None or max(s) <= max_edge or k == smallest for k, s in enumerate(self.shapes)]
         self.affine: ChannelAffine | None = None
         self._rows = 0
-        self._atomic = atomic_path(self.target)
-        self.tmp = self._atomic.__enter__()
+        self._atomic = AtomicTarget(self.target)
+        self.tmp = self._atomic.path
         self._file = open(self.tmp, "wb")  # noqa: SIM115  (closed by close() or abort())
         self._offset = 0
         self._closed = False
@@ -359,14 +359,13 @@ class PreviewWriter:
 
     def finish(self) -> None:
         self.close()
-        self._atomic.__exit__(None, None, None)
+        self._atomic.commit()
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._file.close()
         with contextlib.suppress(BaseException):
-            error = RuntimeError("aborted")
-            self._atomic.__exit__(RuntimeError, error, None)
+            self._atomic.discard()
 
 
 class _Tee:

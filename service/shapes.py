@@ -27,7 +27,7 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
-from unet.atomic import atomic_path
+from unet.atomic import AtomicTarget
 
 __all__ = ["GeoJsonWriter", "feature", "outline"]
 
@@ -166,15 +166,15 @@ class GeoJsonWriter:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = Path(path)
-        self._atomic = atomic_path(self._path)
-        part = self._atomic.__enter__()
+        self._atomic = AtomicTarget(self._path)
+        part = self._atomic.path
         try:
             self._file: IO[str] = open(part, "w", encoding="utf-8")  # noqa: SIM115 (closed in finish/abort)
             self._file.write('{"type":"FeatureCollection","features":[')
-        except BaseException as e:
+        except BaseException:
             with contextlib.suppress(Exception):
                 self._file.close()
-            self._atomic.__exit__(type(e), e, e.__traceback__)
+            self._atomic.discard()
             raise
         self._count = 0
         self._open = True
@@ -215,7 +215,7 @@ class GeoJsonWriter:
         """Close the collection and rename the file onto ``path``; on an error nothing is left."""
         self.close()
         self._open = False
-        self._atomic.__exit__(None, None, None)
+        self._atomic.commit()
 
     def abort(self) -> None:
         """Delete the temporary file (``path`` is left as it was); never raises, may be repeated."""
@@ -224,9 +224,8 @@ class GeoJsonWriter:
         self._open = False
         with contextlib.suppress(Exception):
             self._file.close()
-        stop = _AbortError()
         with contextlib.suppress(Exception):
-            self._atomic.__exit__(_AbortError, stop, None)
+            self._atomic.discard()
 
     def __enter__(self) -> GeoJsonWriter:
         return self
@@ -238,10 +237,6 @@ class GeoJsonWriter:
             self.finish()
         else:
             self.abort()
-
-
-class _AbortError(Exception):
-    """Thrown into :func:`atomic_path` to make it delete the temporary file."""
 
 
 def _trace(mask: npt.NDArray[np.bool_], x0: int, y0: int) -> list[list[list[_Vertex]]]:

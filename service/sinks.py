@@ -40,7 +40,7 @@ import tifffile
 
 from tiling import ArraySink, BandSink, TilePlan, TileSink
 from unet import ChannelAffine
-from unet.atomic import atomic_path
+from unet.atomic import AtomicTarget, atomic_path
 
 from .errors import UnsupportedImageError
 from .io import ImageHeader, encode_tiff, write_tiff
@@ -306,8 +306,8 @@ class _StreamedTiff:
 
     def __init__(self, target: Path, dtype: npt.DTypeLike = np.uint8) -> None:
         self.dtype = np.dtype(dtype)
-        self._atomic = atomic_path(target)
-        self.tmp = self._atomic.__enter__()
+        self._atomic = AtomicTarget(target)
+        self.tmp = self._atomic.path
         self._writer: _WriterThread | None = None
 
     def start(self, consume: Callable[[Iterator[Any]], None]) -> None:
@@ -330,18 +330,17 @@ class _StreamedTiff:
         assert self._writer is not None
         try:
             self._writer.close()
-        except BaseException as e:
-            self._atomic.__exit__(type(e), e, e.__traceback__)
+        except BaseException:
+            self._atomic.discard()
             raise
-        self._atomic.__exit__(None, None, None)
+        self._atomic.commit()
 
     def abort(self) -> None:
         try:
             if self._writer is not None:
                 self._writer.abort()
         finally:
-            error = _Aborted()
-            self._atomic.__exit__(_Aborted, error, None)
+            self._atomic.discard()
 
 
 class TiledTiffSink(_StreamedTiff):

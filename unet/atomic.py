@@ -1,7 +1,8 @@
 """Atomic writes: a file or directory appears complete under its name, or not at all.
 
 :func:`atomic_path` hands out a temporary path beside the target and renames it onto the
-target only when the writer finishes without an error; a writer that fails (or is
+target only when the writer finishes without an error (:class:`AtomicTarget`, the same for
+a writer that lives across several calls); a writer that fails (or is
 interrupted) leaves the target as it was and no temporary file behind. A process killed
 mid-write cannot clean up: its leftovers are named ``.{name}.<random>.part``, so whoever
 owns the directory can delete them at its next start.
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["AtomicTarget", "atomic_path"]
 
 _ATTEMPTS = 100  # fresh names tried before giving up (a clash needs the same 48 random bits)
 
@@ -63,20 +64,60 @@ def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> I
     ['zarr.json']
     >>> tmp.cleanup()
     """
-    target = Path(target)
-    part = _create(target, directory)
+    atomic = AtomicTarget(target, directory=directory)
     try:
-        yield part
-        os.chmod(part, (0o777 if directory else 0o666) & ~_umask())  # a writer may have made its own (0600)
-        _sync_tree(part) if directory else _sync(part)  # the data on disk before the name points at it
-        if directory:
-            _rename_directory(part, target)
-        else:
-            os.replace(part, target)
-        _sync(target.parent)  # and the rename itself
+        yield atomic.path
     except BaseException:
-        _remove(part)
+        atomic.discard()
         raise
+    atomic.commit()
+
+
+class AtomicTarget:
+    """:func:`atomic_path` for a writer whose life spans several calls (a sink, a table, a
+    GeoJSON file): :attr:`path` is the temporary path, :meth:`commit` puts it in the target's
+    place (mode, fsync, rename, fsync of the directory, as :func:`atomic_path` does) and
+    :meth:`discard` deletes it. Once either has run, :meth:`discard` does nothing.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> out = AtomicTarget(Path(tmp.name) / "table.csv")
+    >>> _ = out.path.write_text("id\\n")
+    >>> out.commit(); out.discard()
+    >>> sorted(p.name for p in Path(tmp.name).iterdir())
+    ['table.csv']
+    >>> tmp.cleanup()
+    """
+
+    def __init__(self, target: str | os.PathLike[str], *, directory: bool = False) -> None:
+        self.target, self.directory = Path(target), directory
+        self.path = _create(self.target, directory)
+        self._done = False
+
+    def commit(self) -> None:
+        """Rename the temporary path onto the target; on any error delete it and re-raise."""
+        if self._done:
+            raise RuntimeError(f"{self.target.name}: already committed or discarded")
+        self._done = True
+        part, target = self.path, self.target
+        try:
+            os.chmod(part, (0o777 if self.directory else 0o666) & ~_umask())  # a writer may have made its own (0600)
+            _sync_tree(part) if self.directory else _sync(part)  # the data on disk before the name points at it
+            if self.directory:
+                _rename_directory(part, target)
+            else:
+                os.replace(part, target)
+            _sync(target.parent)  # and the rename itself
+        except BaseException:
+            _remove(part)
+            raise
+
+    def discard(self) -> None:
+        """Delete the temporary file or tree; the target stays as it was."""
+        if self._done:
+            return
+        self._done = True
+        _remove(self.path)
 
 
 def _umask() -> int:

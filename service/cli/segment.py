@@ -32,6 +32,7 @@ from ..io import ImageHeader
 from ..paths import default_checkpoint
 from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Route, decoded_bytes, segment_file
 from ..preview import Preview
+from ..segmenter import Segmenter
 from ..sources import NGFF_VERSIONS, is_ome_zarr
 from .common import add_model_options, load_segmenter, positive_int
 
@@ -281,8 +282,9 @@ class _Tiles:
         self.bar.set_postfix_str(f"{mpx / max(time.perf_counter() - self.t0, 1e-9):.2f} Mpx/s", refresh=False)
 
 
-def _run_one(args: argparse.Namespace, item: _Item, segmenter: Any, tiles: _Tiles) -> Any:
-    """Segment one input into its outputs (the preview PNG last); returns the pipeline's report."""
+def _run_one(args: argparse.Namespace, item: _Item, segmenter: Segmenter | None, tiles: _Tiles) -> Any:
+    """Segment one input into its outputs (the preview PNG last); returns the pipeline's report.
+    ``segmenter``: the model, loaded already (a batch), or None: loaded here unless on a cluster."""
     options = _options(args, item)
     target = item.dst or item.src
     scheduler = args.scheduler or (None if args.workers else os.environ.get("DASK_SCHEDULER_ADDRESS") or None)
@@ -295,7 +297,7 @@ def _run_one(args: argparse.Namespace, item: _Item, segmenter: Any, tiles: _Tile
                 report = _on_cluster(args, item, scheduler, options, tiles.advance, tiles.opened)
             else:
                 report = segment_file(
-                    segmenter() if callable(segmenter) else segmenter,
+                    segmenter or load_segmenter(args),
                     item.src,
                     item.dst,
                     options,
@@ -320,7 +322,7 @@ def _run_one(args: argparse.Namespace, item: _Item, segmenter: Any, tiles: _Tile
 
 def _single(args: argparse.Namespace, item: _Item) -> int:
     t0 = time.perf_counter()
-    report = _run_one(args, item, lambda: load_segmenter(args), _Tiles(args, item.src))
+    report = _run_one(args, item, None, _Tiles(args, item.src))
     log.info("wrote %s in %.2f s", item.dst or item.src, time.perf_counter() - t0)
     if report is not None and report.objects is not None and not args.quiet:
         print(f"unet-tile: {report.objects} objects", file=sys.stderr)

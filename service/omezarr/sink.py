@@ -8,7 +8,6 @@ import logging
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy.typing as npt
 import zarr
 
 from tiling import BandSink, TilePlan, TileSink
-from unet.atomic import atomic_path
+from unet.atomic import AtomicTarget
 
 from ..errors import UnsupportedImageError, storage_error
 from ..io import ImageHeader
@@ -35,10 +34,6 @@ with warnings.catch_warnings():  # ome_zarr.writer makes a deprecated Scaler() d
 __all__ = ["OmeZarrSink"]
 
 log = logging.getLogger(__name__)
-
-
-class _Aborted(Exception):  # noqa: N818  (control flow: handed to the atomic context to discard its tree)
-    """What :meth:`OmeZarrSink.abort` hands :func:`~unet.atomic.atomic_path` so it removes the temporary tree."""
 
 
 class OmeZarrSink:
@@ -109,7 +104,7 @@ class OmeZarrSink:
         self.image_arrays: list[Any] = []
         self.label_arrays: list[Any] = []
         self._into = Path(into) if into is not None else None
-        self._atomic: AbstractContextManager[Path] | None = None
+        self._atomic: AtomicTarget | None = None
         self._labels_dir: Path | None = None  # into a store: its labels group, and what to restore there
         self._saved: dict[str, bytes | None] = {}
         self._made_labels_dir = self._renamed = False
@@ -247,8 +242,8 @@ class OmeZarrSink:
         return {"colors": colors, "properties": properties, "source": {"image": "../../"}}
 
     def _open_new(self, target: Path) -> None:
-        self._atomic = atomic_path(target, directory=True)
-        tmp = self._atomic.__enter__()
+        self._atomic = AtomicTarget(target, directory=True)
+        tmp = self._atomic.path
         fmt = self.layout.fmt
         root = zarr.open_group(str(tmp), mode="w", zarr_format=fmt.zarr_format)
         self.image_arrays = self._create_levels(root, False, self.header.dtype)
@@ -273,8 +268,8 @@ class OmeZarrSink:
         self._saved = {n: (labels_dir / n).read_bytes() if (labels_dir / n).is_file() else None for n in meta}
         self._labels_dir, self._made_labels_dir = labels_dir, not labels_dir.exists()
         labels_dir.mkdir(exist_ok=True)
-        self._atomic = atomic_path(labels_dir / self.name, directory=True)
-        tmp = self._atomic.__enter__()
+        self._atomic = AtomicTarget(labels_dir / self.name, directory=True)
+        tmp = self._atomic.path
         self._label_group(zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format))
 
     # --- Sink ---------------------------------------------------------------------------
@@ -337,12 +332,12 @@ class OmeZarrSink:
         atomic, self._atomic = self._atomic, None
         assert atomic is not None
         if self._labels_dir is None:
-            atomic.__exit__(None, None, None)  # .<name>.<random>.part -> the target store
+            atomic.commit()  # .<name>.<random>.part -> the target store
             return
         if (self._labels_dir / self.name).exists():
-            atomic.__exit__(_Aborted, _Aborted(), None)
+            atomic.discard()
             raise UnsupportedImageError(f"labels/{self.name} appeared meanwhile; choose another --label-name")
-        atomic.__exit__(None, None, None)  # labels/.<name>.<random>.part -> labels/<name>
+        atomic.commit()  # labels/.<name>.<random>.part -> labels/<name>
         self._renamed = True
         fmt = self.layout.fmt
         labels = zarr.open_group(str(self._labels_dir), mode="a", zarr_format=fmt.zarr_format)
@@ -359,7 +354,7 @@ class OmeZarrSink:
         atomic, self._atomic = self._atomic, None
         try:
             if atomic is not None:
-                atomic.__exit__(_Aborted, _Aborted(), None)  # deletes the temporary tree
+                atomic.discard()  # deletes the temporary tree
         except Exception as e:
             log.warning("removing a partial OME-Zarr output: %s", e)
         if self._labels_dir is not None:
