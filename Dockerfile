@@ -17,8 +17,9 @@ COPY unet ./unet
 COPY unet_tile ./unet_tile
 COPY tiling ./tiling
 COPY service ./service
+# Extras: OME-Zarr in/out, Dask workers, and OpenVINO, which runs the CPU when there is no GPU.
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-constraint.txt \
-    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[ome-zarr,dask]" \
+    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[ome-zarr,dask,openvino]" \
     && rm /tmp/torch-constraint.txt \
     && python -c "import torch, service.app; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
     && python -c "from service.routes.page import STATIC; assert (STATIC / 'app.js').is_file(), 'the page is missing'" \

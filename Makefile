@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# what dev/CI installs: every extra the suite tests (their tests skip, saying why, where one is missing)
+EXTRAS ?= dev,ome-zarr,dask,openvino,int8,onnx,bioimageio
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -13,7 +15,7 @@ PORT ?= 8000
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,ome-zarr,dask]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed

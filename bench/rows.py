@@ -18,7 +18,11 @@ timed (``seconds``) and what is not:
   this (client) process while the server idles, best of ``pairs`` each.
 * ``naive`` / ``monai``: :mod:`bench.baselines` from the decoded array (normalization
   included, model construction not).
-* ``agreement``: labels at each reduced precision against fp32 on the held-out demo images.
+* ``agreement``: labels of each backend and precision against eager fp32 on the held-out demo
+  images.
+
+``ceiling`` and ``engine`` rows run per backend (``torch``: eager PyTorch; ``openvino``: the
+network compiled by OpenVINO's CPU plugin, its conversion cached and not timed).
 """
 
 from __future__ import annotations
@@ -102,7 +106,62 @@ def _bare_models(ck: Checkpoint, precision: str) -> tuple[dict[str, torch.nn.Mod
     return modules, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def _openvino_predictor(ck: Checkpoint, precision: str, device: str = "cpu") -> Any:
+    from service.paths import cache_dir  # noqa: PLC0415
+    from service.segmenter import calibration_windows  # noqa: PLC0415
+
+    return tiling.build_predictor(
+        ck.model,
+        backend="openvino",
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir(),
+        calibration=lambda: calibration_windows(ck),
+    )
+
+
+def _openvino_ceiling_seconds(compiled: Any, ck: Checkpoint, batch: int, plan: tiling.TilePlan) -> float:
+    """The compiled network alone (one infer request, random input) for as many tiles as ``plan``."""
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal((batch, ck.config.in_channels, *plan.tile_in), np.float32)
+    passes = max(1, -(-len(plan) // batch))
+    request.infer({0: x})
+    t0 = time.perf_counter()
+    for _ in range(passes):
+        request.infer({0: x})
+    return (time.perf_counter() - t0) / (passes * batch) * len(plan)
+
+
+def _ceiling_openvino(spec: Spec) -> Result:
+    ck, image = _load(spec)
+    plan = _plan(ck, image)
+    predictor = _openvino_predictor(ck, spec["precision"])
+    compiled = predictor._compiled
+    results = []
+    for batch in spec["batches"]:
+        request = compiled.create_infer_request()
+        x = np.random.default_rng(0).standard_normal((batch, ck.config.in_channels, *plan.tile_in), np.float32)
+
+        def run(r: Any = request, x: npt.NDArray[np.float32] = x) -> object:
+            return r.infer({0: x})
+
+        per_pass = _time_passes(run, torch.device("cpu"), 2, spec["search_seconds"])
+        results.append({"batch": batch, "s_per_tile": per_pass / batch})
+    best = min(results, key=lambda r: r["s_per_tile"])
+    return {
+        "seconds": _openvino_ceiling_seconds(compiled, ck, int(best["batch"]), plan),
+        "precision": predictor.precision,
+        "backend": "openvino",
+        "config": f"OpenVINO CPU, batch {best['batch']}",
+        "best": {"backend": "openvino", "batch": best["batch"], "precision": predictor.precision},
+        "tiles": len(plan),
+        "search": results,
+    }
+
+
 def ceiling(spec: Spec) -> Result:
+    if spec.get("backend") == "openvino":
+        return _ceiling_openvino(spec)
     tiling.predictor.keep_freed_memory()  # what the engine's predictor does: the ceiling gets it too
     ck, image = _load(spec)
     device = tiling.resolve_device(spec["device"])
@@ -128,12 +187,13 @@ def ceiling(spec: Spec) -> Result:
             continue
         results.append({"module": name, "layout": layout, "batch": batch, "s_per_tile": per_pass / batch})
     best = min(results, key=lambda r: r["s_per_tile"])
-    config = {k: best[k] for k in ("module", "layout", "batch")}
+    config = {"backend": "torch", **{k: best[k] for k in ("module", "layout", "batch")}}
     seconds = _ceiling_seconds(ck, modules, config, plan, device, dtype)
     return {
         "seconds": seconds,
         "precision": precision,
-        "config": f"{best['module']}, {best['layout']}, batch {best['batch']}",
+        "backend": "torch",
+        "config": f"eager {best['module']}, {best['layout']}, batch {best['batch']}",
         "best": config,
         "tiles": len(plan),
         "search": results,
@@ -149,6 +209,9 @@ def _ceiling_seconds(
     dtype: torch.dtype | None,
 ) -> float:
     """Bare-model seconds for as many tiles as ``plan`` has, in ``config``'s batches."""
+    if config.get("backend") == "openvino":
+        compiled = _openvino_predictor(ck, config["precision"])._compiled
+        return _openvino_ceiling_seconds(compiled, ck, int(config["batch"]), plan)
     fmt = torch.channels_last if config["layout"] == "channels_last" else torch.contiguous_format
     net = modules[config["module"]].to(device).to(memory_format=fmt)  # type: ignore[call-overload]
     batch = int(config["batch"])
@@ -165,16 +228,22 @@ def _ceiling_seconds(
     return per_tile * len(plan)
 
 
+def _predictor(ck: Checkpoint, spec: Spec) -> Any:
+    if spec.get("backend") == "openvino":
+        return _openvino_predictor(ck, spec["precision"], spec["device"])
+    return tiling.TorchPredictor(ck.model, device=spec["device"], precision=spec["precision"])
+
+
 def engine(spec: Spec) -> Result:
     ck, image = _load(spec)
-    predictor = tiling.TorchPredictor(ck.model, device=spec["device"], precision=spec["precision"])
+    predictor = _predictor(ck, spec)
     affine = ck.normalization.fit(image[None])
     tile_size = spec.get("tile_size", 388)
     plan = _plan(ck, image, tile_size)
     batch = spec.get("batch_size") or predictor.preferred_batch_size(plan.tile_in)
     predictor.predict_labels(np.zeros((1, ck.config.in_channels, *plan.tile_in), np.float32))  # warm-up
     paired = spec.get("ceiling_config") if tile_size == 388 else None
-    modules, dtype = _bare_models(ck, predictor.precision)
+    modules, dtype = _bare_models(ck, predictor.precision) if predictor.precision != "int8" else ({}, None)
     seconds, ceiling_s = float("inf"), float("inf")
     for _ in range(int(spec.get("pairs", 1))):  # engine and bare model alternately: same load for both
         t0 = time.perf_counter()
@@ -186,6 +255,7 @@ def engine(spec: Spec) -> Result:
     result = {
         "seconds": seconds,
         "precision": predictor.precision,
+        "backend": predictor.backend,
         "config": f"tile {tile_size}, batch {batch}",
         "tiles": len(plan),
     }
@@ -201,7 +271,15 @@ def _unet_tile() -> list[str]:
 def cli(spec: Spec) -> Result:
     out = Path(spec["workdir"]) / "cli-out.tif"
     cmd = [*_unet_tile(), "segment", spec["image_tif"], "-o", str(out), "--checkpoint", spec["checkpoint"]]
-    cmd += ["--precision", spec["precision"], "--device", spec["device"], "-q"]
+    cmd += [
+        "--precision",
+        spec["precision"],
+        "--device",
+        spec["device"],
+        "--backend",
+        spec.get("backend", "auto"),
+        "-q",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
@@ -213,7 +291,8 @@ def cli(spec: Spec) -> Result:
     return {
         "seconds": seconds,
         "precision": spec["precision"],
-        "config": "unet-tile segment (defaults)",
+        "backend": spec.get("backend", "auto"),
+        "config": "unet-tile segment (process start, model load, TIFF read and write)",
         "peak_rss_mb": _children_peak_rss_mb(),
     }
 
@@ -236,6 +315,7 @@ def _server(spec: Spec) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = _free_port()
     cmd = [*_unet_tile(), "serve", "--host", "127.0.0.1", "--port", str(port), "--checkpoint", spec["checkpoint"]]
     cmd += ["--precision", spec["precision"], "--device", spec["device"], "--log-level", "warning"]
+    cmd += ["--backend", spec.get("backend", "auto")]
     env = {**os.environ, "UNET_JOBS_DIR": str(Path(spec["workdir"]) / "jobs")}  # not the user's jobs directory
     with running_server(cmd, port, Path(spec["workdir"]) / "server.log", env=env) as served:
         yield served
@@ -272,7 +352,7 @@ def http(spec: Spec) -> Result:
         ck, image = _load(spec)
         plan = _plan(ck, image)
         device = tiling.resolve_device(spec["device"])
-        modules, dtype = _bare_models(ck, tiling.resolve_precision(spec["precision"], device))
+        modules, dtype = _bare_models(ck, tiling.resolve_precision(spec["precision"], device, "openvino"))
         del image
     with _server(spec) as (url, proc):
         _post(url, small.read_bytes(), headers)
@@ -289,6 +369,7 @@ def http(spec: Spec) -> Result:
     return {
         "seconds": seconds,
         "precision": spec["precision"],
+        "backend": spec.get("backend", "auto"),
         "config": "POST /segment (raw body), server defaults",
         "peak_rss_mb": rss,
         "server_timing": response_headers.get("server-timing", ""),
@@ -328,23 +409,30 @@ def monai(spec: Spec) -> Result:
 
 
 def agreement(spec: Spec) -> Result:
+    """Labels of each backend x precision against eager fp32, through the engine, on the held-out demo images."""
     ck = unet.load_checkpoint(spec["checkpoint"])
     device = tiling.resolve_device(spec["device"])
-    modes = ["bf16"] + (["fp16"] if device.type == "cuda" else [])
-    predictors = {p: tiling.TorchPredictor(ck.model, device=device, precision=p) for p in ["fp32", *modes]}
-    same = dict.fromkeys(modes, 0)
-    worst = dict.fromkeys(modes, 1.0)
+    modes = [("torch", "bf16")] + ([("torch", "fp16")] if device.type == "cuda" else [])
+    for backend in spec.get("backends", ["torch"]):
+        if backend == "openvino":
+            modes += [("openvino", p) for p in spec.get("openvino_precisions", ["fp32", "bf16"])]
+    predictors = {("torch", "fp32"): tiling.TorchPredictor(ck.model, device=device, precision="fp32")}
+    for mode in modes:
+        predictors[mode] = _predictor(ck, {"backend": mode[0], "precision": mode[1], "device": str(device)})
+    names = [f"{b} {p}" for b, p in modes]
+    same = dict.fromkeys(names, 0)
+    worst = dict.fromkeys(names, 1.0)
     total = 0
     for image in data.demo_samples(spec.get("demo_size", 1024)):
         affine = ck.normalization.fit(image[None])
-        ref = tiling.segment(image, predictors["fp32"], normalize=affine)
+        ref = tiling.segment(image, predictors[("torch", "fp32")], normalize=affine)
         total += ref.size
-        for p in modes:
-            labels = tiling.segment(image, predictors[p], normalize=affine)
+        for mode, name in zip(modes, names, strict=True):
+            labels = tiling.segment(image, predictors[mode], normalize=affine)
             agree = int((labels == ref).sum())
-            same[p] += agree
-            worst[p] = min(worst[p], agree / ref.size)
-    return {"agreement": {p: same[p] / total for p in modes}, "worst_image": worst, "pixels": total}
+            same[name] += agree
+            worst[name] = min(worst[name], agree / ref.size)
+    return {"agreement": {n: same[n] / total for n in names}, "worst_image": worst, "pixels": total}
 
 
 ROWS: dict[str, Callable[[Spec], Result]] = {

@@ -27,6 +27,7 @@ import numpy as np
 import tifffile
 
 from tiling import resolve_device, resolve_precision
+from tiling.openvino import openvino_available
 
 from . import baselines, data
 
@@ -34,10 +35,14 @@ __all__ = ["TARGETS", "emit", "main", "render"]
 
 ALL_ROWS = ("ceiling", "engine", "cli", "http", "naive", "monai", "tiles", "agreement")
 TARGETS = {  # (row, reference row, at least): output Mpx/s ratios the engine work aims for
+    # the ceiling: the best bare network over every backend at that precision
     "engine / ceiling (same precision)": ("engine", "ceiling", 0.9),
     "http / ceiling (same precision)": ("http", "ceiling", 0.85),
     "engine / naive": ("engine", "naive", 3.0),
+    "cli / naive": ("cli", "naive", 3.0),
     "engine / monai": ("engine", "monai", 6.0),
+    # OpenVINO's engine row against eager PyTorch's best bare network (docs/performance.md)
+    "openvino engine / eager ceiling (same precision)": ("engine openvino", "ceiling torch", 1.15),
 }
 
 
@@ -51,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="comma list for the ceiling and engine rows (default: fp32 and, where native, bf16); "
         "the CLI, HTTP and tile-size rows use the last one",
+    )
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma list for the ceiling and engine rows (default: torch and, where installed, openvino); the CLI"
+        " and HTTP rows use the last one",
     )
     p.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma list of {', '.join(ALL_ROWS)}")
     p.add_argument("--tile-sizes", default="388,644,900", help="engine tile sizes for the 'tiles' rows")
@@ -87,32 +98,43 @@ def _skip_reason(row: str) -> str | None:
     return None
 
 
-def _jobs(args: argparse.Namespace, precisions: list[str], main_precision: str) -> list[tuple[str, dict[str, Any]]]:
+def _int8_available() -> bool:
+    return openvino_available() and importlib.util.find_spec("nncf") is not None
+
+
+def _jobs(
+    args: argparse.Namespace, precisions: list[str], main_precision: str, backends: list[str]
+) -> list[tuple[str, dict[str, Any]]]:
+    """(row name, spec) in run order. Names are ``row precision [backend]``."""
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ALL_ROWS))
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; expected some of {', '.join(ALL_ROWS)}")
+    main_backend = backends[-1]
     jobs: list[tuple[str, dict[str, Any]]] = []
     for row in rows:
         if row in ("ceiling", "engine"):
-            jobs += [(f"{row} {p}", {"row": row, "precision": p}) for p in precisions]
+            for b in backends:
+                for p in precisions:
+                    if p == "int8" and b != "openvino":
+                        continue
+                    jobs.append((f"{row} {p} {b}", {"row": row, "precision": p, "backend": b}))
         elif row in ("cli", "http"):
-            jobs.append((f"{row} {main_precision}", {"row": row, "precision": main_precision}))
+            spec = {"row": row, "precision": main_precision, "backend": main_backend}
+            jobs.append((f"{row} {main_precision} {main_backend}", spec))
         elif row == "tiles":
             for t in (int(t) for t in args.tile_sizes.split(",")):
                 if t != 388 or "engine" not in rows or main_precision not in precisions:
-                    jobs.append(
-                        (
-                            f"engine {main_precision} tile {t}",
-                            {"row": "engine", "precision": main_precision, "tile_size": t},
-                        )
-                    )
+                    spec = {"row": "engine", "precision": main_precision, "backend": main_backend, "tile_size": t}
+                    jobs.append((f"engine {main_precision} {main_backend} tile {t}", spec))
         elif row == "naive":
             jobs.append(("naive fp32", {"row": "naive", "precision": "fp32"}))
         elif row == "monai":  # MONAI's default (fp32), and each reduced precision the engine runs
-            jobs += [(f"monai {p}", {"row": "monai", "precision": p}) for p in dict.fromkeys(["fp32", *precisions])]
+            reduced = [p for p in precisions if p != "int8"]
+            jobs += [(f"monai {p}", {"row": "monai", "precision": p}) for p in dict.fromkeys(["fp32", *reduced])]
         elif row == "agreement":
-            jobs.append(("agreement", {"row": "agreement", "precision": "fp32"}))
+            spec = {"row": "agreement", "precision": "fp32", "backends": backends, "openvino_precisions": precisions}
+            jobs.append(("agreement", spec))
     return jobs
 
 
@@ -147,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     precisions = (
         args.precisions.split(",") if args.precisions else sorted({"fp32", main_precision}, key="fp32 bf16 fp16".index)
     )
-    main_precision = precisions[-1]
+    main_precision = next(p for p in reversed(precisions) if p != "int8")  # int8: an option, never the default
+    default_backends = ["torch", "openvino"] if openvino_available() and device.type == "cpu" else ["torch"]
+    backends = args.backends.split(",") if args.backends else default_backends
+    if not args.precisions and "openvino" in backends and _int8_available():
+        precisions.append("int8")
     with tempfile.TemporaryDirectory(prefix="unet-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             "demo_size": args.demo_size,
             "pairs": args.pairs,
         }
-        jobs = _jobs(args, precisions, main_precision)
+        jobs = _jobs(args, precisions, main_precision, backends)
         results: dict[str, dict[str, Any]] = {}
         loads = [_load()]
         for _ in range(max(1, args.repeat)):
@@ -179,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[name] = {"skipped": skip}
                     continue
                 labels = workdir / f"labels-{name.replace(' ', '-')}.npy"
-                ceiling_best = results.get(f"ceiling {spec['precision']}", {}).get("best")
+                ceiling_best = _best_ceiling(results, spec["precision"])
                 paired = {"ceiling_config": ceiling_best} if spec["row"] in ("engine", "http") and ceiling_best else {}
                 result = _run_row({**base, **spec, **paired, "labels_out": str(labels)})
                 if labels.is_file():
@@ -210,6 +236,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _best_ceiling(results: dict[str, dict[str, Any]], precision: str) -> dict[str, Any] | None:
+    """The fastest bare network at ``precision`` over the backends measured so far (its config)."""
+    ceilings = [r for n, r in results.items() if n.startswith(f"ceiling {precision} ") and "best" in r]
+    if not ceilings:
+        return None
+    best: dict[str, Any] = min(ceilings, key=lambda r: r["seconds"])["best"]
+    return best
+
+
+def _fastest(rows: dict[str, dict[str, Any]], prefix: str) -> str | None:
+    """The fastest row whose name starts with ``prefix`` (tile-size rows aside)."""
+    names = [n for n, r in rows.items() if n.startswith(prefix) and "tile" not in n and "mpx_per_s" in r]
+    return max(names, key=lambda n: rows[n]["mpx_per_s"]) if names else None
+
+
+def _reference(rows: dict[str, dict[str, Any]], ref: str, precision: str) -> str | None:
+    """The row a ratio divides by: ``ceiling`` is the fastest backend's at ``precision``, ``ceiling
+    torch`` that backend's, a baseline its own row at ``precision`` (else at any)."""
+    kind, _, backend = ref.partition(" ")
+    if backend:
+        name = f"{kind} {precision} {backend}"
+        return name if "mpx_per_s" in rows.get(name, {}) else None
+    if kind == "ceiling":
+        return _fastest(rows, f"ceiling {precision} ")
+    return _fastest(rows, f"{kind} {precision}") or _fastest(rows, f"{kind} ")
+
+
 def _add_derived(report: dict[str, Any]) -> None:
     """Mpx/s, RSS beyond the arrays, label agreement with the engine, and the ratios."""
     mpx = report["size"] ** 2 / 1e6
@@ -220,21 +273,27 @@ def _add_derived(report: dict[str, Any]) -> None:
             r["mpx_per_s"] = mpx / r["seconds"]
         if "peak_rss_mb" in r:
             r["rss_beyond_arrays_mb"] = r["peak_rss_mb"] - arrays
-    reference_name = next((n for n in rows if n.startswith("engine fp32") and "labels" in rows[n]), None)
+    reference_name = next(
+        (n for n in ("engine fp32 torch", "engine fp32 openvino") if "labels" in rows.get(n, {})), None
+    )
     if reference_name is not None:
         reference = np.load(rows[reference_name]["labels"])
         for r in rows.values():
             if "labels" in r:
                 r["agrees_with_engine_fp32"] = float((np.load(r["labels"]) == reference).mean())
+    report["reference"] = reference_name
     ratios = {}
     for label, (row, ref, target) in TARGETS.items():
+        row_kind, _, row_backend = row.partition(" ")
         for name, r in rows.items():
-            if not name.startswith(row + " ") or "tile" in name or "mpx_per_s" not in r:
+            parts = name.split()
+            if parts[0] != row_kind or "tile" in name or "mpx_per_s" not in r:
                 continue
-            precision = name.split()[1]
-            same = f"{ref} {precision}"  # the same precision where the reference ran at it
-            ref_name = same if same in rows else next((n for n in rows if n.startswith(ref + " ")), "")
-            if "mpx_per_s" in rows.get(ref_name, {}):
+            if row_backend and (len(parts) < 3 or parts[2] != row_backend):
+                continue
+            precision = parts[1]
+            ref_name = _reference(rows, ref, precision)
+            if ref_name is not None:
                 value = r["mpx_per_s"] / rows[ref_name]["mpx_per_s"]
                 ratios[f"{name} / {ref_name}"] = {
                     "value": value,
@@ -249,7 +308,7 @@ def _add_derived(report: dict[str, Any]) -> None:
             goal = next(g for g, (rw, ref, _) in TARGETS.items() if rw == row and ref == "ceiling")
             target = TARGETS[goal][2]
             where = "in one process" if row == "engine" else "alternating with its requests"
-            ratios[f"{name} / ceiling, paired {where}"] = {
+            ratios[f"{name} / best ceiling, paired {where}"] = {
                 "value": value,
                 "target": target,
                 "met": value >= target,
@@ -269,20 +328,21 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"NOTE: {report['checkpoint_note']}")
     lines += [
         "",
-        "| row | precision | Mpx/s | seconds | peak RSS MiB | RSS - arrays MiB | labels = engine fp32 | configuration |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| row | backend | precision | Mpx/s | seconds | peak RSS MiB | RSS - arrays MiB | labels = engine fp32 "
+        "| configuration |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in report["rows"].items():
         if name == "agreement":
             continue
         if "skipped" in r or "error" in r:
             lines.append(
-                f"| {name} | | | | | | | {'skipped: ' + r['skipped'] if 'skipped' in r else 'ERROR: ' + r['error']} |"
+                f"| {name} | | | | | | | | {'skipped: ' + r['skipped'] if 'skipped' in r else 'ERROR: ' + r['error']} |"
             )
             continue
         agree = r.get("agrees_with_engine_fp32")
         lines.append(
-            f"| {name} | {r.get('precision', '')} | {r['mpx_per_s']:.2f} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} "
+            f"| {name} | {r.get('backend', 'torch')} | {r.get('precision', '')} | {r['mpx_per_s']:.2f} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} "
             f"| {r['rss_beyond_arrays_mb']:.0f} | {'' if agree is None else f'{agree:.4%}'} | {r.get('config', '')} |"
         )
     if report["ratios"]:
@@ -293,7 +353,7 @@ def render(report: dict[str, Any]) -> str:
     if "agreement" in agreement:
         for p, v in agreement["agreement"].items():
             lines.append(
-                f"- label agreement {p} vs fp32 on {agreement['pixels'] / 1e6:.1f} Mpx of held-out demo images: "
+                f"- label agreement {p} vs eager fp32 on {agreement['pixels'] / 1e6:.1f} Mpx of held-out demo images: "
                 f"{v:.4%} (worst image {agreement['worst_image'][p]:.4%})"
             )
     elif "error" in agreement:

@@ -41,13 +41,19 @@ def _load(settings: Settings) -> Segmenter:
     path = settings.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
     segmenter = Segmenter(
-        load_checkpoint(path), device=settings.device, precision=settings.precision, batch_size=settings.batch_size
+        load_checkpoint(path),
+        device=settings.device,
+        precision=settings.precision,
+        batch_size=settings.batch_size,
+        backend=settings.backend,
+        cache=settings.cache_dir,
     )
     segmenter.warmup()
     log.info(
-        "model %s loaded and warmed up on %s (%s) in %.2f s, on thread %s",
+        "model %s loaded and warmed up on %s (%s, %s) in %.2f s, on thread %s",
         segmenter.checkpoint.sha256[:12],
         segmenter.predictor.device,
+        segmenter.predictor.backend,
         segmenter.predictor.precision,
         time.perf_counter() - t0,
         threading.current_thread().name,

@@ -12,22 +12,40 @@ import copy
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from tiling import TorchPredictor
+from tiling import TorchPredictor, build_predictor
+from tiling.openvino import OpenVINOPredictor
 from unet import Checkpoint, geometry
+from unet.synth import synth_set
 
 from .errors import UnsupportedImageError
 from .io import ImageHeader
+from .paths import cache_dir
 
-__all__ = ["ExecutorPredictor", "Segmenter"]
+__all__ = ["ExecutorPredictor", "Segmenter", "calibration_windows"]
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+_CALIBRATION_SEED = 4242  # unet.synth images no training, calibration or held-out set uses
+_CALIBRATION_WINDOWS = 24  # measured: 24 and 64 windows gave the same int8 agreement (docs/performance.md)
+
+
+def calibration_windows(checkpoint: Checkpoint, n: int = _CALIBRATION_WINDOWS) -> list[npt.NDArray[np.float32]]:
+    """``n`` normalized 572x572 windows of synthetic demo images (``unet.synth``) for int8
+    calibration: the nuclei the demo model was trained on, normalized as the checkpoint says."""
+    size = geometry.input_size(388, checkpoint.config.depth)
+    windows = []
+    for sample in synth_set(n, seed=_CALIBRATION_SEED, shape=(size, size)):
+        image = np.repeat(sample.image[None], checkpoint.config.in_channels, axis=0)
+        windows.append(checkpoint.normalization.fit(image)(image)[None].astype(np.float32))
+    return windows
 
 
 class ExecutorPredictor:
@@ -41,7 +59,7 @@ class ExecutorPredictor:
     waits for one batch of a job, not for the whole job.
     """
 
-    def __init__(self, predictor: TorchPredictor, executor: Executor) -> None:
+    def __init__(self, predictor: TorchPredictor | OpenVINOPredictor, executor: Executor) -> None:
         self.inner = predictor
         self.executor = executor
 
@@ -76,6 +94,10 @@ class ExecutorPredictor:
     def precision(self) -> str:
         return self.inner.precision
 
+    @property
+    def backend(self) -> str:
+        return self.inner.backend
+
     def __repr__(self) -> str:
         return f"ExecutorPredictor({self.inner!r})"
 
@@ -88,14 +110,26 @@ class Segmenter:
     """
 
     def __init__(
-        self, checkpoint: Checkpoint, *, device: str = "auto", precision: str = "fp32", batch_size: int | None = None
+        self,
+        checkpoint: Checkpoint,
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        batch_size: int | None = None,
+        backend: str = "auto",
+        cache: Path | None = None,
     ) -> None:
         from .instances import instance_rule  # noqa: PLC0415  (instances import the sinks, which import this)
 
         instance_rule(checkpoint)  # a checkpoint with an invalid instance rule is refused at load, not at use
         self.checkpoint = checkpoint
-        self.predictor: TorchPredictor | ExecutorPredictor = TorchPredictor(
-            checkpoint.model, device=device, precision=precision
+        self.predictor: TorchPredictor | OpenVINOPredictor | ExecutorPredictor = build_predictor(
+            checkpoint.model,
+            backend=backend,
+            device=device,
+            precision=precision,
+            cache_dir=cache or cache_dir(),
+            calibration=lambda: calibration_windows(checkpoint),
         )
         self.batch_size = batch_size
 
@@ -146,6 +180,7 @@ class Segmenter:
             "format_version": ck.format_version,
             "device": str(self.predictor.device),
             "precision": self.predictor.precision,
+            "backend": self.predictor.backend,
             "tile": {
                 "output": 388,
                 "input": geometry.input_size(388, self.depth),

@@ -30,11 +30,21 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="compute device: `auto` (CUDA when there is one, else the CPU), `cpu` or `cuda`"
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         default="auto",
         description="`auto` (bf16 on GPUs and CPUs that compute it natively, ~2.5x faster than fp32 on such a CPU"
         " at >= 99.9 % label agreement with fp32 on the demo data; fp32 elsewhere), `fp32` (exact seam-free"
-        " tiling), `bf16`, `fp16` (CUDA only)",
+        " tiling), `bf16`, `fp16` (CUDA only), `int8` (OpenVINO only, never chosen by `auto`)",
+    )
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        default="auto",
+        description="runtime: `auto` (OpenVINO on the CPU where the `openvino` extra is installed, else PyTorch),"
+        " `torch` or `openvino` (CPU only)",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="where the OpenVINO backend keeps the networks it converted, one per checkpoint; unset:"
+        " `$XDG_CACHE_HOME/unet-tile` or `~/.cache/unet-tile`",
     )
     batch_size: int | None = Field(
         default=None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,19 @@ def balance_classes(model: unet.UNet, x: torch.Tensor) -> unet.UNet:
         logits = model(x)
         model.head.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
     return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The OpenVINO backend's converted networks go to one folder of this run (servers and
+    CLI runs started by tests inherit it), not to the user's ``~/.cache``."""
+    before = os.environ.get("UNET_CACHE_DIR")
+    os.environ["UNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("unet-cache"))
+    yield
+    if before is None:
+        os.environ.pop("UNET_CACHE_DIR", None)
+    else:
+        os.environ["UNET_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

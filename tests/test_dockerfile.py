@@ -62,8 +62,8 @@ def test_cuda_pytorch_base_that_satisfies_the_torch_requirement() -> None:
 def test_the_package_is_installed_without_pulling_torch_again() -> None:
     runs = " ".join(args for word, args in instructions() if word == "RUN")
     assert (
-        'pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[ome-zarr,dask]"' in runs
-    )  # OME-Zarr in/out, Dask workers
+        'pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[ome-zarr,dask,openvino]"' in runs
+    )  # OME-Zarr in/out, Dask workers, OpenVINO for --device cpu
     assert "torch=={torch.__version__}" in runs  # the constraint pins the installed build
     assert not re.search(r"pip install[^&]*\s[\"']?torch([=<>~! \"']|$)", runs)  # never a torch requirement
     for word, args in instructions():

@@ -12,10 +12,13 @@ from .errors import TilingError
 from .padding import mirror_pad, read_window, reflect_indices
 from .plan import Tile, TilePlan, axis_layout, default_stride, plan_tiles
 from .predictor import (
+    Backend,
     CallablePredictor,
     Predictor,
     TorchPredictor,
+    build_predictor,
     keep_freed_memory,
+    resolve_backend,
     resolve_device,
     resolve_precision,
 )
@@ -23,6 +26,7 @@ from .sinks import ArraySink, BandSink, TileSink
 
 __all__ = [
     "ArraySink",
+    "Backend",
     "BandSink",
     "CallablePredictor",
     "Output",
@@ -34,6 +38,7 @@ __all__ = [
     "TilingError",
     "TorchPredictor",
     "axis_layout",
+    "build_predictor",
     "default_stride",
     "keep_freed_memory",
     "mirror_pad",
@@ -41,6 +46,7 @@ __all__ = [
     "predict_tiles",
     "read_window",
     "reflect_indices",
+    "resolve_backend",
     "resolve_batch_size",
     "resolve_device",
     "resolve_precision",

@@ -31,7 +31,8 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -41,22 +42,29 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import TilingError
 
+if TYPE_CHECKING:
+    from .openvino import Calibration, OpenVINOPredictor
+
 __all__ = [
+    "Backend",
     "CallablePredictor",
     "Precision",
     "Predictor",
     "TorchPredictor",
     "as_predictor",
+    "build_predictor",
     "cpu_supports_bf16",
     "fold_batch_norm",
     "keep_freed_memory",
+    "resolve_backend",
     "resolve_device",
     "resolve_precision",
 ]
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+Backend = Literal["auto", "torch", "openvino"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU micro-batch: tiles per forward pass such that the first level's activations stay
 # within this many bytes. Measured on a 2-core AVX512/AMX Xeon (bench/, width-16 572x572
@@ -159,21 +167,49 @@ def cpu_supports_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The runtime actually used: ``torch`` or ``openvino``.
+
+    ``auto`` is OpenVINO on the CPU where the ``openvino`` extra is installed (it fuses what
+    eager PyTorch runs op by op: 1.2x-2x faster per tile on the CPUs measured in
+    docs/performance.md, at fp32 with the same labels), else torch; on CUDA always torch.
+    """
+    if backend not in ("auto", "torch", "openvino"):
+        raise TilingError(f"unknown backend {backend!r}; expected auto, torch or openvino")
+    from .openvino import openvino_available  # noqa: PLC0415  (the module imports openvino lazily)
+
+    if backend == "auto":
+        return "openvino" if device.type == "cpu" and openvino_available() else "torch"
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise TilingError(f"the OpenVINO backend runs on the CPU, not {device.type}; use --device cpu")
+        if not openvino_available():
+            raise TilingError("the OpenVINO backend needs the 'openvino' package: pip install 'unet-tile[openvino]'")
+    return backend
+
+
+def resolve_precision(precision: str, device: torch.device, backend: str = "torch") -> str:
     """The precision actually used.
 
     ``auto`` is bf16 where the device computes it natively (CUDA GPUs with bf16, CPUs with
     AVX512-BF16/AMX) and fp32 elsewhere. bf16 was chosen for ``auto`` by measurement: on
     the demo checkpoint and demo image its labels agree with fp32 on >= 99.9 % of pixels
-    (see docs/performance.md#precision); fp16 is never chosen automatically.
+    (see docs/performance.md#precision); fp16 and int8 are never chosen automatically.
+    int8 runs on the OpenVINO backend only.
     """
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise TilingError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
+    if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+        raise TilingError(f"unknown precision {precision!r}; expected auto, fp32, bf16, fp16 or int8")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return "bf16" if cpu_supports_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
+        raise TilingError("fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    if precision == "int8" and backend != "openvino":
+        raise TilingError(
+            "int8 runs on the OpenVINO backend: --backend openvino (pip install 'unet-tile[openvino,int8]')"
+        )
+    if precision == "fp16" and backend == "openvino":
         raise TilingError("fp16 needs a CUDA device; on the CPU use bf16 or fp32")
     return precision
 
@@ -250,6 +286,8 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 class TorchPredictor:
     """Run a valid-padding ``nn.Module`` on numpy tile batches."""
+
+    backend = "torch"
 
     def __init__(
         self,
@@ -373,6 +411,36 @@ class TorchPredictor:
 
     def __repr__(self) -> str:
         return f"TorchPredictor(device={self.device}, precision={self.precision})"
+
+
+def build_predictor(
+    module: nn.Module,
+    *,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    cache_dir: Path | None = None,
+    calibration: Calibration | None = None,
+) -> TorchPredictor | OpenVINOPredictor:
+    """The predictor for ``module`` on the backend, device and precision asked for.
+
+    ``cache_dir`` and ``calibration`` (int8) are the OpenVINO backend's; see :class:`tiling.openvino.OpenVINOPredictor`.
+    """
+    dev = resolve_device(device)
+    chosen = resolve_backend(backend, dev)
+    resolved = resolve_precision(precision, dev, chosen)
+    if chosen == "torch":
+        return TorchPredictor(module, device=dev, precision=resolved)
+    from .openvino import OpenVINOPredictor  # noqa: PLC0415
+
+    config = getattr(module, "config", None)
+    return OpenVINOPredictor(
+        fold_batch_norm(module),
+        precision=resolved,
+        depth=getattr(config, "depth", None),
+        cache_dir=cache_dir,
+        calibration=calibration,
+    )
 
 
 def as_predictor(model: Any, *, depth: int | None = None, **kwargs: Any) -> Predictor:

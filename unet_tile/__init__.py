@@ -48,15 +48,17 @@ def load(
     device: str = "auto",
     precision: str = "auto",
     batch_size: int | None = None,
+    backend: str = "auto",
 ) -> Model:
     """A model ready to segment: ``"demo"`` (the bundled one) or a checkpoint file.
 
     ``precision``: ``auto`` (bf16 where the CPU/GPU has native bf16, else fp32), ``fp32``
-    (exact seam-free tiling), ``bf16``, ``fp16`` (CUDA); ``device``: ``auto``, ``cpu``, ``cuda``.
+    (exact seam-free tiling), ``bf16``, ``fp16`` (CUDA), ``int8`` (OpenVINO); ``device``: ``auto``,
+    ``cpu``, ``cuda``; ``backend``: ``auto`` (OpenVINO on the CPU where installed), ``torch``, ``openvino``.
     """
     path = DEMO_CHECKPOINT if str(checkpoint) == "demo" else Path(checkpoint)
     ck = load_checkpoint(path)
-    return Model(ck, device=device, batch_size=batch_size, precision=precision)
+    return Model(ck, device=device, batch_size=batch_size, precision=precision, backend=backend)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Model:
     device: str = "auto"
     batch_size: int | None = None
     precision: str = "auto"
+    backend: str = "auto"
     _segmenters: dict[str, Segmenter] = field(default_factory=dict, repr=False)
 
     @property
@@ -76,7 +79,11 @@ class Model:
     def _segmenter(self, precision: str) -> Segmenter:
         if precision not in self._segmenters:
             self._segmenters[precision] = Segmenter(
-                self.checkpoint, device=self.device, precision=precision, batch_size=self.batch_size
+                self.checkpoint,
+                device=self.device,
+                precision=precision,
+                batch_size=self.batch_size,
+                backend=self.backend,
             )
         return self._segmenters[precision]
 

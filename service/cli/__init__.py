@@ -22,7 +22,7 @@ from typing import Any
 import tiling
 
 from ..errors import is_storage_full, storage_error
-from . import segment, serve, train
+from . import export, segment, serve, train
 from .common import USER_ERRORS
 
 __all__ = ["build_parser", "main", "version"]
@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--version", action="version", version=f"unet-tile {version()}")
     parser = argparse.ArgumentParser(prog="unet-tile", description="Large-image U-Net segmentation.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    for register in (segment.register, serve.register, train.register):  # each adds its parser, sets func
+    for register in (
+        segment.register,
+        serve.register,
+        train.register,
+        export.register,
+    ):  # each adds its parser, sets func
         register(_WithCommon(sub, common))
     return parser
 

@@ -395,6 +395,7 @@ def _on_cluster(
         device=args.device,
         precision=args.precision,
         batch_size=args.batch_size,
+        backend=args.backend,
         progress=advance,
         on_open=opened,
     )

@@ -26,6 +26,7 @@ _FLAGS = (
     "port",
     "checkpoint",
     "device",
+    "backend",
     "precision",
     "batch_size",
     "slots",
@@ -49,7 +50,13 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (UNET_CHECKPOINT, default: demo)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="UNET_DEVICE (default auto)")
     p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None, help="UNET_PRECISION (default auto)"
+        "--backend", choices=["auto", "torch", "openvino"], default=None, help="runtime (UNET_BACKEND, default auto)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        default=None,
+        help="UNET_PRECISION (default auto)",
     )
     p.add_argument("--batch-size", type=positive_int, default=None, help="tiles per forward pass (UNET_BATCH_SIZE)")
     p.add_argument("--slots", type=positive_int, default=None, help="segmentations at once (UNET_SLOTS, default 1)")

@@ -34,14 +34,16 @@ log = logging.getLogger(__name__)
 _OPEN_INPUTS = 4  # inputs a worker keeps open between tasks (a run's tasks on one thread share one)
 
 
-def plugin_name(sha256: str, device: str = "auto", precision: str = "fp32", batch_size: int | None = None) -> str:
+def plugin_name(
+    sha256: str, device: str = "auto", precision: str = "fp32", batch_size: int | None = None, backend: str = "auto"
+) -> str:
     """The plugin's name on a cluster: one per checkpoint and settings, so runs of two models
     (or precisions) can share workers.
 
     >>> plugin_name("ab" * 32)
-    'unet-tile-model-abababababab-auto-fp32-b0'
+    'unet-tile-model-abababababab-auto-auto-fp32-b0'
     """
-    return f"unet-tile-model-{sha256[:12]}-{device}-{precision}-b{batch_size or 0}"
+    return f"unet-tile-model-{sha256[:12]}-{device}-{backend}-{precision}-b{batch_size or 0}"
 
 
 class WorkerState:
@@ -86,7 +88,7 @@ class WorkerState:
 class ModelPlugin(WorkerPlugin):
     """Loads the checkpoint at ``path`` (whose sha256 must be ``sha256``) once per worker.
 
-    ``device``/``precision``/``batch_size`` as for :class:`~service.segmenter.Segmenter`
+    ``device``/``precision``/``batch_size``/``backend`` as for :class:`~service.segmenter.Segmenter`
     (``device="auto"``: the worker's GPU where it has one). The path must name the same file
     on every worker (a shared filesystem, or the same image baked into every container).
     """
@@ -101,10 +103,11 @@ class ModelPlugin(WorkerPlugin):
         device: str = "auto",
         precision: str = "fp32",
         batch_size: int | None = None,
+        backend: str = "auto",
     ) -> None:
         self.path, self.sha256 = str(path), sha256
-        self.device, self.precision, self.batch_size = device, precision, batch_size
-        self.name = plugin_name(sha256, device, precision, batch_size)
+        self.device, self.precision, self.batch_size, self.backend = device, precision, batch_size, backend
+        self.name = plugin_name(sha256, device, precision, batch_size, backend)
         self.state: WorkerState | None = None
 
     def setup(self, worker: Any) -> None:
@@ -119,9 +122,12 @@ class ModelPlugin(WorkerPlugin):
                 f"{self.sha256[:12]}...: give every worker the same file"
             )
         checkpoint = load_checkpoint(self.path)
-        segmenter = Segmenter(checkpoint, device=self.device, precision=self.precision, batch_size=self.batch_size)
+        segmenter = Segmenter(
+            checkpoint, device=self.device, precision=self.precision, batch_size=self.batch_size, backend=self.backend
+        )
         self.state = WorkerState(segmenter)
-        log.info("worker %s: model %s on %s", where, self.sha256[:12], segmenter.predictor.device)
+        predictor = segmenter.predictor
+        log.info("worker %s: model %s on %s (%s)", where, self.sha256[:12], predictor.device, predictor.backend)
 
     def teardown(self, worker: Any) -> None:
         if self.state is not None:

@@ -214,6 +214,7 @@ def segment_on_cluster(
     device: str = "auto",
     precision: str = "fp32",
     batch_size: int | None = None,
+    backend: str = "auto",
     max_pixels: int | None = None,
     timeout_s: float = 30.0,
     progress: Callable[[int], None] | None = None,
@@ -240,7 +241,9 @@ def segment_on_cluster(
             raise InputError(f"output directory does not exist: {target.parent}")
     zarr_out = into_input or (target is not None and is_ome_zarr(target))
     path = Path(checkpoint).resolve()
-    local = Segmenter(load_checkpoint(path), device="cpu")  # normalization, classes, checks: never runs the model
+    local = Segmenter(
+        load_checkpoint(path), device="cpu", backend="torch"
+    )  # normalization, classes, checks: never runs the model
     sha256 = file_sha256(path)
     resources = {"GPU": 1.0} if device == "cuda" else None
     with contextlib.closing(open_input(src, series=options.series, max_pixels=max_pixels)) as source:
@@ -270,7 +273,9 @@ def segment_on_cluster(
         connected = contextlib.nullcontext(client) if isinstance(client, Client) else client()
         with connected as c:
             _check_workers(c, resources, timeout_s)
-            plugin = ModelPlugin(path, sha256, device=device, precision=precision, batch_size=batch_size)
+            plugin = ModelPlugin(
+                path, sha256, device=device, precision=precision, batch_size=batch_size, backend=backend
+            )
             _register(c, plugin)
             sink = open_sink(route, target, header, local, options, source=source, into_input=into_input)
             resolved = str(Path(src).resolve())

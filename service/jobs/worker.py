@@ -50,6 +50,7 @@ class ClusterJobs:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int | None = None
+    backend: str = "auto"
     connect_timeout_s: float = 10.0
 
 
@@ -396,6 +397,7 @@ class JobWorker:
                 device=cluster.device,
                 precision=cluster.precision,
                 batch_size=cluster.batch_size,
+                backend=cluster.backend,
                 max_pixels=self.max_pixels,
                 progress=tiles,
                 on_open=opened,
@@ -475,6 +477,7 @@ def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker:
             device=settings.device,
             precision=settings.precision,
             batch_size=settings.batch_size,
+            backend=settings.backend,
         )
     store = JobStore(jobs_dir(settings), ttl_s=settings.jobs_ttl_s, quota_bytes=int(settings.jobs_quota_mb * 2**20))
     worker = JobWorker(

@@ -18,51 +18,68 @@ import torch
 
 from bench.baselines import monai_segment, naive_segment
 from bench.run import TARGETS
+from tiling.openvino import openvino_available
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_bench_runs_every_row_on_a_tiny_image(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Every row of every backend installed (torch, and OpenVINO where its extra is)."""
+    backends = ["torch", "openvino"] if openvino_available() else ["torch"]
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "bench", "--size", "200", "--checkpoint", str(tiny_checkpoint)]
     cmd += ["--precisions", "fp32", "--rows", "ceiling,engine,cli,http,naive,agreement", "--pairs", "1"]
     cmd += ["--batches", "1,2", "--search-seconds", "0", "--demo-size", "64", "--json", str(out)]
+    cmd += ["--backends", ",".join(backends)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
 
-    expected = {"ceiling fp32", "engine fp32", "cli fp32", "http fp32", "naive fp32", "agreement"}
+    last = backends[-1]  # the CLI and HTTP rows run the last backend
+    expected = {f"{row} fp32 {b}" for row in ("ceiling", "engine") for b in backends}
+    expected |= {f"cli fp32 {last}", f"http fp32 {last}", "naive fp32", "agreement"}
     assert set(rows) == expected
     assert not [name for name, r in rows.items() if "error" in r], rows
 
     timed = {name: r for name, r in rows.items() if "seconds" in r}
-    assert {"ceiling fp32", "engine fp32", "cli fp32", "http fp32", "naive fp32"} <= set(timed)
+    assert expected - {"agreement"} <= set(timed)
     for name, r in timed.items():
         assert r["seconds"] > 0 and r["mpx_per_s"] > 0, name
         assert r["mpx_per_s"] == pytest.approx(200 * 200 / 1e6 / r["seconds"]), name
         assert 30 < r["peak_rss_mb"] < 8192, (name, r["peak_rss_mb"])
-    assert rows["ceiling fp32"]["tiles"] == rows["engine fp32"]["tiles"] == 1
-    assert rows["ceiling fp32"]["config"].endswith(("batch 1", "batch 2"))
+    for b in backends:
+        assert rows[f"ceiling fp32 {b}"]["tiles"] == rows[f"engine fp32 {b}"]["tiles"] == 1
+        assert rows[f"ceiling fp32 {b}"]["config"].endswith(("batch 1", "batch 2"))
+        assert rows[f"ceiling fp32 {b}"]["backend"] == rows[f"engine fp32 {b}"]["backend"] == b
 
-    # the same engine behind the CLI and HTTP: the very same labels
-    for name in ("engine fp32", "cli fp32", "http fp32"):
+    # the same engine behind the CLI and HTTP, and fp32 on any backend: the very same labels
+    assert report["reference"] == "engine fp32 torch"
+    for name in (*(f"engine fp32 {b}" for b in backends), f"cli fp32 {last}", f"http fp32 {last}"):
         assert rows[name]["agrees_with_engine_fp32"] == 1.0, name
     assert rows["naive fp32"]["agrees_with_engine_fp32"] > 0.99  # same weights; float order differs
 
-    assert 0.0 <= rows["agreement"]["agreement"]["bf16"] <= 1.0
+    modes = {"torch bf16", *(["openvino fp32"] if "openvino" in backends else [])}
+    assert modes <= set(rows["agreement"]["agreement"])
+    for mode in modes:
+        assert 0.0 <= rows["agreement"]["agreement"][mode] <= 1.0
+    if "openvino" in backends:
+        assert rows["agreement"]["agreement"]["openvino fp32"] == 1.0
     assert rows["agreement"]["pixels"] == 4 * 64 * 64
 
     goals = {q["goal"] for q in report["ratios"].values()}
     assert {"engine / ceiling (same precision)", "http / ceiling (same precision)", "engine / naive"} <= goals
-    assert "engine fp32 / ceiling, paired in one process" in report["ratios"]
+    assert "cli / naive" in goals
+    assert "engine fp32 torch / best ceiling, paired in one process" in report["ratios"]
+    if "openvino" in backends:
+        assert "engine fp32 openvino / ceiling fp32 torch" in report["ratios"]
     assert goals <= set(TARGETS)
     for q in report["ratios"].values():
         assert q["value"] > 0 and q["met"] == (q["value"] >= q["target"])
 
     table = proc.stdout
-    assert "| row | precision | Mpx/s |" in table
+    assert "| row | backend | precision | Mpx/s |" in table
     for name in timed:
         assert f"| {name} |" in table
 
@@ -134,3 +151,22 @@ def test_load_bench_refuses_a_target_off_the_loopback() -> None:
     cmd = [sys.executable, "-m", "bench.load", "--url", "http://example.com:8000", "--seconds", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "loopback only" in proc.stderr
+
+
+def test_agreement_table_over_held_out_sets(tmp_path: Path) -> None:
+    from service.cli import main
+
+    assert main(["synth", "-o", str(tmp_path / "set"), "--n", "2", "--seed", "5", "--size", "96"]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.agreement", str(tmp_path / "set")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| torch") or line.startswith("| openvino")]
+    assert rows[0].startswith("| torch bf16 |")
+    if openvino_available():
+        assert "| openvino fp32 | 100.000% | 100.000% |" in proc.stdout

@@ -118,13 +118,23 @@ def test_worker_runs_jobs_in_memory_and_streamed_like_the_segmenter(
             np.testing.assert_array_equal(t.asarray(), expected)
 
 
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
 def test_a_worker_sharing_the_servers_executor_runs_every_forward_pass_there(
-    store: JobStore, segmenter: Segmenter
+    store: JobStore, segmenter: Segmenter, backend: str
 ) -> None:
     """What the app does: the job thread keeps the host work, the model runs on the segment thread."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    segmenter = Segmenter(segmenter.checkpoint, device="cpu", batch_size=1, backend=backend)
     passes: list[str] = []
-    module = segmenter.predictor.module  # type: ignore[union-attr]  # the plain TorchPredictor's
-    hook = module.register_forward_hook(lambda *_: passes.append(threading.current_thread().name))
+    inner = segmenter.predictor
+    run = inner.predict_labels  # every pass of a labels job, on whichever backend
+
+    def counted(x: object) -> object:
+        passes.append(threading.current_thread().name)
+        return run(x)  # type: ignore[arg-type]
+
+    inner.predict_labels = counted  # type: ignore[method-assign]
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
     shared = segmenter.running_on(executor)
     worker = JobWorker(store, shared, stream_above_mb=0.05, housekeeping_s=0.2)
@@ -136,7 +146,7 @@ def test_a_worker_sharing_the_servers_executor_runs_every_forward_pass_there(
     finally:
         worker.stop()
         executor.shutdown()
-        hook.remove()
+        del inner.predict_labels  # type: ignore[method-assign]
     assert [r.state for r in records] == ["done", "done"], [r.error for r in records]
     assert len(passes) == sum(r.tiles_total for r in records)  # batch size 1: one pass per tile
     assert set(passes) == {"segment_0"}
