@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _CALIBRATION_SEED = 4242  # unet.synth images no training, calibration or held-out set uses
-_CALIBRATION_WINDOWS = 24  # measured: 24 and 64 windows gave the same int8 agreement (docs/performance.md)
+_CALIBRATION_WINDOWS = 24  # ~7 s to quantize the demo model; its int8 figures: docs/performance.md
 
 
 def calibration_windows(checkpoint: Checkpoint, n: int = _CALIBRATION_WINDOWS) -> list[npt.NDArray[np.float32]]:
     """``n`` normalized 572x572 windows of synthetic demo images (``unet.synth``) for int8
-    calibration: the nuclei the demo model was trained on, normalized as the checkpoint says."""
+    calibration: the nuclei the demo model was trained on, normalized as the checkpoint says
+    (a multi-channel model gets the image in every channel: fit for nuclei models only)."""
     size = geometry.input_size(388, checkpoint.config.depth)
     windows = []
     for sample in synth_set(n, seed=_CALIBRATION_SEED, shape=(size, size)):

@@ -49,7 +49,9 @@ __all__ = ["Calibration", "OpenVINOPredictor", "openvino_available", "openvino_v
 log = logging.getLogger(__name__)
 
 _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the quantized ops run int8, the rest f32
-_ACTIVATION_BUDGET = 24 << 20  # as TorchPredictor's CPU micro-batch (measured alike: batch 1 fp32, 2 bf16)
+# as TorchPredictor's CPU micro-batch (1 tile at fp32, 2 at bf16/int8 for 572x572); OpenVINO's own
+# speed per tile hardly depends on it (bench, ms/tile at batch 1/2/4: fp32 76/76/77, bf16 17/18/19)
+_ACTIVATION_BUDGET = 24 << 20
 _CALIBRATION_FORMAT = 1  # bump when the quantization recipe below changes, so cached int8 IRs are redone
 
 Calibration = Callable[[], Sequence[npt.NDArray[np.float32]]]
