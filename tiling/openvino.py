@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -98,11 +99,12 @@ def _state_key(module: nn.Module) -> str:
 class OpenVINOPredictor:
     """Run a valid-padding ``nn.Module`` with OpenVINO on the CPU.
 
-    ``module``: the network (eval mode; batch norm already folded by the caller if wanted);
-    ``precision``: fp32, bf16 or int8 (resolved: not ``auto``); the cache names the network
-    by a hash of its weights (not a checkpoint's sha256: a model changed in memory, as
-    calibration and training do, must not find its old conversion); ``cache_dir``: where converted networks are kept (None: converted every time);
-    ``calibration``: for int8, a function returning normalized (1, C, h, w) windows.
+    ``module``: the network (batch norm already folded by the caller if wanted; left as it
+    is: a copy is converted); ``precision``: fp32, bf16 or int8 (resolved: not ``auto``);
+    ``cache_dir``: where converted networks are kept (None: converted every time), named by a
+    hash of the weights (not a checkpoint's sha256: a model changed in memory, as calibration
+    and training do, must not find its old conversion); ``calibration``: for int8, a function
+    returning normalized (1, C, h, w) windows.
     """
 
     def __init__(
@@ -186,7 +188,8 @@ class OpenVINOPredictor:
             shape = self._ov.PartialShape([-1, self._in_channels or -1, -1, -1])
             log.info("converting the network to OpenVINO IR (once per checkpoint)")
             with torch.no_grad(), _warnings_quiet():
-                return self._ov.convert_model(module.float().eval(), example_input=example, input=[shape])
+                network = copy.deepcopy(module).float().eval()  # the caller's module keeps its dtype and mode
+                return self._ov.convert_model(network, example_input=example, input=[shape])
 
         return self._cached("fp32", convert)
 
