@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy.typing as npt
 import tifffile
 
 import tiling
 from service.segmenter import Segmenter
 from tiling.openvino import openvino_available
-from unet.checkpoint import DEMO_CHECKPOINT, load_checkpoint
+from unet.checkpoint import DEMO_CHECKPOINT, Checkpoint, load_checkpoint
 
-__all__ = ["main"]
+__all__ = ["label_agreement", "main"]
 
 
 def _modes() -> list[tuple[str, str]]:
@@ -33,6 +36,27 @@ def _modes() -> list[tuple[str, str]]:
     return modes
 
 
+def label_agreement(
+    checkpoint: Checkpoint,
+    images: Iterable[npt.NDArray[Any]],
+    reference: tiling.Predictor,
+    predictors: Mapping[str, tiling.Predictor],
+) -> dict[str, Any]:
+    """Each predictor's labels against ``reference``'s, through the engine with the
+    checkpoint's normalization: ``agreement`` (equal pixels over all images),
+    ``worst_image`` (per predictor) and ``pixels``."""
+    same, worst, total = dict.fromkeys(predictors, 0), dict.fromkeys(predictors, 1.0), 0
+    for image in images:
+        affine = checkpoint.normalization.fit(image[None])
+        ref = tiling.segment(image, reference, normalize=affine)
+        total += ref.size
+        for name, predictor in predictors.items():
+            agree = int((tiling.segment(image, predictor, normalize=affine) == ref).sum())
+            same[name] += agree
+            worst[name] = min(worst[name], agree / ref.size)
+    return {"agreement": {n: same[n] / total for n in predictors}, "worst_image": worst, "pixels": total}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.agreement", description=__doc__.split("\n\n")[0])
     p.add_argument("sets", nargs="+", type=Path, help="folders holding images/*.tif")
@@ -40,30 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ck = load_checkpoint(args.checkpoint)
     reference = Segmenter(ck, device="cpu", precision="fp32", backend="torch").predictor
-    modes = _modes()
-    predictors = {m: Segmenter(ck, device="cpu", precision=m[1], backend=m[0]).predictor for m in modes}
+    predictors = {f"{b} {p}": Segmenter(ck, device="cpu", precision=p, backend=b).predictor for b, p in _modes()}
     columns = []
     for folder in args.sets:
-        same, worst, total = dict.fromkeys(modes, 0), dict.fromkeys(modes, 1.0), 0
-        for path in sorted((folder / "images").glob("*.tif")):
-            image = tifffile.imread(path)
-            affine = ck.normalization.fit(image[None])
-            ref = tiling.segment(image, reference, normalize=affine)
-            total += ref.size
-            for mode in modes:
-                agree = int((tiling.segment(image, predictors[mode], normalize=affine) == ref).sum())
-                same[mode] += agree
-                worst[mode] = min(worst[mode], agree / ref.size)
-        columns.append((folder.name, total, same, worst))
-    print(
-        "| backend, precision | "
-        + " | ".join(f"{n} ({t / 1e6:.1f} Mpx) | worst image" for n, t, _, _ in columns)
-        + " |"
-    )
+        images = (tifffile.imread(path) for path in sorted((folder / "images").glob("*.tif")))
+        columns.append((folder.name, label_agreement(ck, images, reference, predictors)))
+    head = " | ".join(f"{name} ({r['pixels'] / 1e6:.1f} Mpx) | worst image" for name, r in columns)
+    print(f"| backend, precision | {head} |")
     print("| --- |" + " ---: | ---: |" * len(columns))
-    for mode in modes:
-        cells = " | ".join(f"{s[mode] / t:.3%} | {w[mode]:.3%}" for _, t, s, w in columns)
-        print(f"| {mode[0]} {mode[1]} | {cells} |")
+    for mode in predictors:
+        cells = " | ".join(f"{r['agreement'][mode]:.3%} | {r['worst_image'][mode]:.3%}" for _, r in columns)
+        print(f"| {mode} | {cells} |")
     return 0
 
 

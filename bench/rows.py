@@ -52,6 +52,7 @@ import unet
 from unet.checkpoint import Checkpoint
 
 from . import baselines, data
+from .agreement import label_agreement
 from .serving import running_server
 
 __all__ = ["ROWS", "main", "run_row"]
@@ -106,18 +107,26 @@ def _bare_models(ck: Checkpoint, precision: str) -> tuple[dict[str, torch.nn.Mod
     return modules, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+_OPENVINO: dict[tuple[str, str, str], Any] = {}  # (checkpoint sha256, precision, device) -> predictor
+
+
 def _openvino_predictor(ck: Checkpoint, precision: str, device: str = "cpu") -> Any:
+    """One OpenVINO predictor per checkpoint and precision in this row's process: the paired
+    ceiling and the engine share it instead of compiling the network again at every pair."""
     from service.paths import cache_dir  # noqa: PLC0415
     from service.segmenter import calibration_windows  # noqa: PLC0415
 
-    return tiling.build_predictor(
-        ck.model,
-        backend="openvino",
-        device=device,
-        precision=precision,
-        cache_dir=cache_dir(),
-        calibration=lambda: calibration_windows(ck),
-    )
+    key = (ck.sha256, precision, device)
+    if key not in _OPENVINO:
+        _OPENVINO[key] = tiling.build_predictor(
+            ck.model,
+            backend="openvino",
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir(),
+            calibration=lambda: calibration_windows(ck),
+        )
+    return _OPENVINO[key]
 
 
 def _openvino_ceiling_seconds(compiled: Any, ck: Checkpoint, batch: int, plan: tiling.TilePlan) -> float:
@@ -416,23 +425,9 @@ def agreement(spec: Spec) -> Result:
     for backend in spec.get("backends", ["torch"]):
         if backend == "openvino":
             modes += [("openvino", p) for p in spec.get("openvino_precisions", ["fp32", "bf16"])]
-    predictors = {("torch", "fp32"): tiling.TorchPredictor(ck.model, device=device, precision="fp32")}
-    for mode in modes:
-        predictors[mode] = _predictor(ck, {"backend": mode[0], "precision": mode[1], "device": str(device)})
-    names = [f"{b} {p}" for b, p in modes]
-    same = dict.fromkeys(names, 0)
-    worst = dict.fromkeys(names, 1.0)
-    total = 0
-    for image in data.demo_samples(spec.get("demo_size", 1024)):
-        affine = ck.normalization.fit(image[None])
-        ref = tiling.segment(image, predictors[("torch", "fp32")], normalize=affine)
-        total += ref.size
-        for mode, name in zip(modes, names, strict=True):
-            labels = tiling.segment(image, predictors[mode], normalize=affine)
-            agree = int((labels == ref).sum())
-            same[name] += agree
-            worst[name] = min(worst[name], agree / ref.size)
-    return {"agreement": {n: same[n] / total for n in names}, "worst_image": worst, "pixels": total}
+    reference = tiling.TorchPredictor(ck.model, device=device, precision="fp32")
+    named = {f"{b} {p}": _predictor(ck, {"backend": b, "precision": p, "device": str(device)}) for b, p in modes}
+    return label_agreement(ck, data.demo_samples(spec.get("demo_size", 1024)), reference, named)
 
 
 ROWS: dict[str, Callable[[Spec], Result]] = {

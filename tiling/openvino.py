@@ -44,15 +44,13 @@ from torch import nn
 from unet.geometry import DEFAULT_DEPTH, input_size, smallest_valid_output_at_least
 
 from .errors import TilingError
+from .predictor import cpu_micro_batch, first_width, usable_cores
 
 __all__ = ["Calibration", "OpenVINOPredictor", "openvino_available", "openvino_version"]
 
 log = logging.getLogger(__name__)
 
 _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the quantized ops run int8, the rest f32
-# as TorchPredictor's CPU micro-batch (1 tile at fp32, 2 at bf16/int8 for 572x572); OpenVINO's own
-# speed per tile hardly depends on it (bench, ms/tile at batch 1/2/4: fp32 76/76/77, bf16 17/18/19)
-_ACTIVATION_BUDGET = 24 << 20
 _CALIBRATION_FORMAT = 1  # bump when the quantization recipe below changes, so cached int8 IRs are redone
 
 Calibration = Callable[[], Sequence[npt.NDArray[np.float32]]]
@@ -76,10 +74,6 @@ def _import(name: str, extra: str) -> Any:
         return importlib.import_module(name)
     except ImportError as e:
         raise TilingError(f"the OpenVINO backend needs the {name!r} package: pip install 'unet-tile[{extra}]'") from e
-
-
-def _first_width(module: nn.Module) -> int:
-    return next((m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)), 64)
 
 
 def _in_channels(module: nn.Module) -> int | None:
@@ -128,7 +122,7 @@ class OpenVINOPredictor:
         self.precision = precision
         self.device = torch.device("cpu")
         self.depth = depth
-        self._width = _first_width(module)
+        self._width = first_width(module)
         self._in_channels = _in_channels(module)
         self._key = _state_key(module)
         self._cache_dir = cache_dir
@@ -221,15 +215,13 @@ class OpenVINOPredictor:
     @property
     def overlap_host_work(self) -> bool:
         """Read the next batch on a worker thread only when OpenVINO's threads leave a core free."""
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 1
-        return self.num_threads < cores
+        return self.num_threads < usable_cores()
 
     def preferred_batch_size(self, tile_in: tuple[int, int]) -> int:
-        element = 4 if self.precision == "fp32" else 2  # int8 keeps some layers in f32: sized as bf16
-        return max(1, _ACTIVATION_BUDGET // (self._width * tile_in[0] * tile_in[1] * element))
+        # as TorchPredictor's (1 tile at fp32, 2 at bf16/int8 for 572x572; int8 keeps some layers in
+        # f32); OpenVINO's speed per tile hardly depends on it (bench, ms/tile at batch 1/2/4: fp32
+        # 76/76/77, bf16 17/18/19)
+        return cpu_micro_batch(self._width, tile_in, 4 if self.precision == "fp32" else 2)
 
     def stage(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return np.ascontiguousarray(x, dtype=np.float32)

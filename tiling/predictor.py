@@ -53,12 +53,15 @@ __all__ = [
     "TorchPredictor",
     "as_predictor",
     "build_predictor",
+    "cpu_micro_batch",
     "cpu_supports_bf16",
+    "first_width",
     "fold_batch_norm",
     "keep_freed_memory",
     "resolve_backend",
     "resolve_device",
     "resolve_precision",
+    "usable_cores",
 ]
 
 log = logging.getLogger(__name__)
@@ -209,8 +212,6 @@ def resolve_precision(precision: str, device: torch.device, backend: str = "torc
         raise TilingError(
             "int8 runs on the OpenVINO backend: --backend openvino (pip install 'unet-tile[openvino,int8]')"
         )
-    if precision == "fp16" and backend == "openvino":
-        raise TilingError("fp16 needs a CUDA device; on the CPU use bf16 or fp32")
     return precision
 
 
@@ -269,14 +270,25 @@ def keep_freed_memory() -> bool:
     return applied
 
 
-def _usable_cores() -> int:
+def cpu_micro_batch(width: int, tile_in: tuple[int, int], element_bytes: int) -> int:
+    """Tiles per CPU forward pass whose first-level activations (``width`` channels of
+    ``element_bytes`` each) fit :data:`_CPU_ACTIVATION_BUDGET`.
+
+    >>> cpu_micro_batch(16, (572, 572), 4), cpu_micro_batch(16, (572, 572), 2)
+    (1, 2)
+    """
+    return max(1, _CPU_ACTIVATION_BUDGET // (width * tile_in[0] * tile_in[1] * element_bytes))
+
+
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
 
-def _first_width(module: nn.Module) -> int:
+def first_width(module: nn.Module) -> int:
+    """The first convolution's output channels (64 for a network without one)."""
     return next((m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)), 64)
 
 
@@ -312,7 +324,7 @@ class TorchPredictor:
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         config = getattr(module, "config", None)
         self.depth: int | None = getattr(config, "depth", None)
-        self._width = _first_width(module)
+        self._width = first_width(module)
         self._oom_limit: int | None = None  # tiles per pass after an out-of-memory back-off
 
     @property
@@ -325,7 +337,7 @@ class TorchPredictor:
         """
         if self.device.type == "cuda":
             return True
-        return torch.get_num_threads() < _usable_cores()
+        return torch.get_num_threads() < usable_cores()
 
     # -- batch sizes -------------------------------------------------------------------
 
@@ -337,9 +349,7 @@ class TorchPredictor:
         return self._cpu_micro_batch(tile_in)
 
     def _cpu_micro_batch(self, tile_in: tuple[int, int]) -> int:
-        element = 2 if self.precision in _DTYPES else 4  # bytes per activation value
-        per_tile = self._width * tile_in[0] * tile_in[1] * element
-        return max(1, _CPU_ACTIVATION_BUDGET // per_tile)
+        return cpu_micro_batch(self._width, tile_in, 2 if self.precision in _DTYPES else 4)
 
     def _cuda_batch_size(self, tile_in: tuple[int, int]) -> int:
         """Probe one tile's peak activation memory, then fill a share of what is free."""
