@@ -12,6 +12,7 @@ from .checkpoint import Checkpoint, file_sha256, import_state_dict, load_checkpo
 from .errors import CheckpointError, GeometryError, UNetError
 from .model import UNet, UNetConfig
 from .normalization import ChannelAffine, Normalization
+from .size import ObjectSize
 
 __all__ = [
     "ChannelAffine",
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "GeometryError",
     "Normalization",
+    "ObjectSize",
     "UNet",
     "UNetConfig",
     "UNetError",

@@ -26,6 +26,7 @@ from .atomic import atomic_path
 from .errors import CheckpointError
 from .model import UNet, UNetConfig
 from .normalization import Normalization
+from .size import ObjectSize
 
 __all__ = [
     "DEMO_CHECKPOINT",
@@ -56,6 +57,7 @@ class Checkpoint:
     format_version: int = FORMAT_VERSION
     info: dict[str, Any] = field(default_factory=dict)  # training provenance, metrics
     instances: dict[str, Any] | None = None  # how class masks become instances (tiling.InstanceRule fields)
+    size: ObjectSize | None = None  # the object diameters it was trained for (None: not recorded)
 
     @property
     def config(self) -> UNetConfig:
@@ -90,12 +92,14 @@ def save_checkpoint(
     info: Mapping[str, Any] | None = None,
     weights_dtype: str = "float32",
     instances: Mapping[str, Any] | None = None,
+    size: ObjectSize | None = None,
 ) -> str:
     """Write ``model`` and its metadata atomically to ``path``; return the file's sha256.
 
     ``weights_dtype='float16'`` halves the file (the loader casts back to float32).
     ``instances``: the instance rule recorded with the model (``tiling.InstanceRule`` fields:
-    seeds, grow, min_area, ...), read back as :attr:`Checkpoint.instances`.
+    seeds, grow, min_area, ...), read back as :attr:`Checkpoint.instances`; ``size``: the
+    object size it was trained for (:class:`unet.size.ObjectSize`), read back as :attr:`Checkpoint.size`.
     """
     config = model.config
     names = tuple(class_names) if class_names is not None else _default_class_names(config.num_classes)
@@ -119,6 +123,8 @@ def save_checkpoint(
     }
     if instances is not None:
         metadata["instances"] = json.dumps(dict(instances))
+    if size is not None:
+        metadata["size"] = json.dumps(size.to_dict())
     with atomic_path(path) as part:
         save_file(tensors, str(part), metadata=metadata)
     return file_sha256(path)
@@ -196,7 +202,20 @@ def load_checkpoint(
         format_version=version,
         info=dict(_json_field(metadata, "info", p)) if "info" in metadata else {},
         instances=_instances(metadata, p),
+        size=_size(metadata, p),
     )
+
+
+def _size(metadata: Mapping[str, str], path: Path) -> ObjectSize | None:
+    if "size" not in metadata:
+        return None
+    value = _json_field(metadata, "size", path)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata 'size' must be an object, got {value!r}")
+    try:
+        return ObjectSize.from_dict(value)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _instances(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:

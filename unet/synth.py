@@ -35,9 +35,34 @@ from scipy import ndimage
 
 from .errors import UNetError
 
-__all__ = ["SynthSample", "synth_image", "synth_set"]
+__all__ = ["PROFILES", "Style", "SynthSample", "synth_image", "synth_set"]
 
 _MAX_TRIES = 40  # placement attempts per nucleus before giving up on it
+
+
+@dataclass(frozen=True)
+class Style:
+    """What a profile draws besides the classic widefield image (all off: ``classic``).
+
+    Every option that is off draws nothing from the generator, so ``classic`` images are
+    bit-identical to those of the first generator (the held-out sets keep their pixels).
+    """
+
+    diameter: tuple[float, float] | None = None  # mean nucleus diameter (px), log-uniform; None: classic 7-60
+    classic: float = 0.0  # probability that an image is drawn as classic (the rest as this style)
+    textured: float = 0.0  # probability that an image's nuclei carry a strong stain texture
+    confocal: float = 0.0  # probability of confocal optics: little haze, few ghosts, crisp edges
+    saturated: float = 0.0  # per nucleus: a very bright compact (saturated, mitotic-like) nucleus
+
+
+PROFILES: dict[str, Style] = {
+    "classic": Style(),
+    # the bundled model's training mix: 40 % classic, the rest from 8 to 120 px, textured,
+    # confocal and saturated (see docs/model.md)
+    "microscopes": Style(diameter=(9.0, 110.0), classic=0.4, textured=0.45, confocal=0.35, saturated=0.04),
+    "large": Style(diameter=(60.0, 120.0), textured=0.3, confocal=0.35, saturated=0.03),  # a 40x-100x objective
+    "textured": Style(diameter=(20.0, 90.0), textured=1.0, confocal=0.35, saturated=0.03),
+}
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,38 @@ def _texture(
     return np.asarray(np.clip(tex, 0.25, None))
 
 
+def _stain(rng: np.random.Generator, box_shape: tuple[int, int], radius: float) -> npt.NDArray[np.float64]:
+    """A strong stain texture on top of the chromatin: PCNA-like speckles, bright foci
+    (chromocentres), dark nucleoli and a bright envelope rim; dark gaps are still nucleus."""
+    h, w = box_shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    tex = np.full(box_shape, float(rng.uniform(0.25, 0.7)))  # the dim base between the spots
+    kinds = rng.random(4) < (0.6, 0.5, 0.5, 0.25)
+    if not kinds.any():
+        kinds[int(rng.integers(4))] = True
+    area = np.pi * radius * radius
+    if kinds[0]:  # speckles: many small bright dots
+        n = int(np.clip(area / rng.uniform(15.0, 60.0), 5, 400))
+        size = rng.uniform(0.7, max(0.8, min(2.5, 0.06 * radius)))
+        dots = np.zeros(box_shape)
+        iy, ix = rng.integers(0, h, n), rng.integers(0, w, n)
+        np.add.at(dots, (iy, ix), rng.uniform(0.5, 1.5, n))
+        tex += float(rng.uniform(1.0, 3.0)) * ndimage.gaussian_filter(dots, size) * (2 * np.pi * size * size)
+    if kinds[1]:  # foci: a few large bright chromocentres
+        for _ in range(int(rng.integers(2, 12))):
+            py, px, sg = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.05, 0.14) * radius + 0.8
+            tex += float(rng.uniform(0.8, 3.0)) * np.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * sg * sg))
+    if kinds[2]:  # nucleoli: large dark holes in the stain
+        for _ in range(int(rng.integers(1, 5))):
+            py, px = h / 2 + rng.uniform(-0.5, 0.5) * h / 2, w / 2 + rng.uniform(-0.5, 0.5) * w / 2
+            sg = rng.uniform(0.1, 0.25) * radius + 0.8
+            tex *= 1.0 - float(rng.uniform(0.6, 0.95)) * np.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * sg * sg))
+    if kinds[3]:  # a bright rim (nuclear envelope, lamina-like)
+        d = np.hypot(yy - h / 2, xx - w / 2) / max(h / 2, 1.0)
+        tex += float(rng.uniform(0.5, 1.5)) * np.exp(-(((d - 0.6) / 0.12) ** 2))
+    return np.asarray(np.clip(tex / max(float(tex.mean()), 1e-9), 0.03, None))
+
+
 def _place(
     rng: np.random.Generator,
     shape: tuple[int, int],
@@ -164,10 +221,13 @@ def synth_image(
     shape: tuple[int, int] = (384, 384),
     *,
     dtype: str | None = None,
+    profile: str | Style = "classic",
 ) -> SynthSample:
     """One synthetic widefield fluorescence image of nuclei and its instance mask.
 
     ``dtype``: ``"uint8"`` or ``"uint16"``; drawn at random (half each) when None.
+    ``profile``: a name in :data:`PROFILES` or a :class:`Style`; ``"classic"`` is the first
+    generator, bit for bit.
 
     >>> s = synth_image(np.random.default_rng(0), (64, 96), dtype="uint16")
     >>> s.image.shape, s.image.dtype.name, s.labels.dtype.name
@@ -179,9 +239,18 @@ def synth_image(
         dtype = "uint8" if rng.random() < 0.5 else "uint16"
     if dtype not in ("uint8", "uint16"):
         raise UNetError(f"dtype must be 'uint8' or 'uint16', got {dtype!r}")
+    style = _style(profile)
+    if style.diameter is not None and style.classic > 0 and rng.random() < style.classic:
+        style = PROFILES["classic"]
     h, w = shape
-    scale = float(_loguniform(rng, 0.5, 2.0))  # microscope magnification / binning
-    mean_radius = float(rng.uniform(7.0, 15.0) * scale)
+    if style.diameter is None:
+        scale = float(_loguniform(rng, 0.5, 2.0))  # microscope magnification / binning
+        mean_radius = float(rng.uniform(7.0, 15.0) * scale)
+    else:
+        mean_radius = float(_loguniform(rng, *style.diameter)) / 2.0
+        scale = mean_radius / 11.0
+    textured = style.textured > 0 and rng.random() < style.textured
+    confocal = style.confocal > 0 and rng.random() < style.confocal
     coverage_target = float(rng.uniform(0.02, 0.45))
     cluster_prob = float(rng.uniform(0.0, 0.85))
     irregular = float(_loguniform(rng, 0.01, 0.12))
@@ -202,7 +271,8 @@ def synth_image(
     spread = float(_loguniform(rng, 1.2, float(np.clip(spread_max, 1.5, 40.0))))  # within-image range
     for _ in range(n_target):
         mitotic = rng.random() < 0.05
-        r_mean = mean_radius * (rng.uniform(0.35, 0.6) if mitotic else 1.0)
+        saturated = style.saturated > 0 and rng.random() < style.saturated
+        r_mean = mean_radius * (rng.uniform(0.35, 0.6) if mitotic else rng.uniform(0.4, 0.75) if saturated else 1.0)
         found = _place(rng, shape, labels, placed, r_mean, cluster_prob, 0.25 if mitotic else irregular)
         if found is None:
             continue
@@ -213,16 +283,23 @@ def synth_image(
         labels[box][inside] = len(placed)
         brightness = float(_loguniform(rng, 1.0 / spread, 1.0)) * (rng.uniform(2.0, 6.0) if mitotic else 1.0)
         tex = _texture(rng, inside.shape, rel, nucleus.radius)
+        if saturated:  # compact and far brighter than the rest: clipped by the camera, sharp-edged
+            brightness = float(rng.uniform(3.0, 25.0))
+            tex = 0.5 + 0.5 * tex
+        elif textured and nucleus.radius >= 6:
+            tex = tex**0.5 * _stain(rng, inside.shape, nucleus.radius)
         signal[box] += brightness * coverage * tex
 
     # --- optics: narrow in-focus PSF; halo around in-focus nuclei; out-of-focus ghosts
     # in focus: edges blurred by at most ~a fifth of the radius, however soft the optics
     psf = float(min(rng.uniform(0.5, 2.0) * max(1.0, scale**0.5), 0.2 * mean_radius + 0.3))
+    if confocal:  # an optical section: a tight PSF
+        psf = float(min(psf, rng.uniform(0.5, 1.3)))
     image = ndimage.gaussian_filter(signal, psf)
     halo_sigma = float(rng.uniform(3.0, 12.0) * max(1.0, scale**0.5))
-    image += float(rng.uniform(0.0, 0.35)) * ndimage.gaussian_filter(signal, halo_sigma)
+    image += float(rng.uniform(0.0, 0.05 if confocal else 0.35)) * ndimage.gaussian_filter(signal, halo_sigma)
     ghosts = np.zeros(shape)
-    n_ghosts = int(n_target * rng.uniform(0.0, 1.0) ** 2 * 1.2) + int(rng.integers(0, 3))
+    n_ghosts = int(n_target * rng.uniform(0.0, 1.0) ** 2 * (0.25 if confocal else 1.2)) + int(rng.integers(0, 3))
     for _ in range(n_ghosts):
         r = float(mean_radius * rng.lognormal(0.0, 0.25))
         g = _random_nucleus(rng, rng.uniform(0, h), rng.uniform(0, w), r, irregular)
@@ -269,14 +346,29 @@ def synth_image(
         "nuclei": float(len(placed)),
         "ghosts": float(n_ghosts),
     }
+    if style.diameter is not None:
+        params.update(textured=float(textured), confocal=float(confocal))
     return SynthSample(out, labels, params)
 
 
+def _style(profile: str | Style) -> Style:
+    if isinstance(profile, Style):
+        return profile
+    if profile not in PROFILES:
+        raise UNetError(f"unknown synthetic profile {profile!r}; choose from {sorted(PROFILES)}")
+    return PROFILES[profile]
+
+
 def synth_set(
-    n: int, *, seed: int = 0, shape: tuple[int, int] = (384, 384), dtype: str | None = None
+    n: int,
+    *,
+    seed: int = 0,
+    shape: tuple[int, int] = (384, 384),
+    dtype: str | None = None,
+    profile: str | Style = "classic",
 ) -> list[SynthSample]:
     """``n`` images, each from its own stream ``default_rng([seed, i])`` (so image i of a
     seed is the same whatever ``n`` is)."""
     if n < 0:
         raise UNetError(f"n must be >= 0, got {n}")
-    return [synth_image(np.random.default_rng([seed, i]), shape, dtype=dtype) for i in range(n)]
+    return [synth_image(np.random.default_rng([seed, i]), shape, dtype=dtype, profile=profile) for i in range(n)]

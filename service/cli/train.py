@@ -39,17 +39,18 @@ import torch
 
 from tiling import resolve_device
 from tiling.instances import InstanceRule, label_instances
-from unet import Checkpoint, Normalization, UNet, UNetConfig, geometry, save_checkpoint
+from unet import Checkpoint, CheckpointError, Normalization, ObjectSize, UNet, UNetConfig, geometry, save_checkpoint
 from unet.atomic import atomic_path
-from unet.synth import synth_image
+from unet.synth import PROFILES, synth_image
 from unet.training import TrainConfig, instance_labels, prepare_data, train
 
 from ..errors import InputError
 from ..evaluate import Matching, Overlap, match_instances, overlap
-from ..instances import instance_rule
-from ..pipeline import Options, segment_image
+from ..instances import instance_rule, scaled_rule
+from ..pipeline import Options, resolve, segment_image
+from ..scale import Diameter, parse_diameter
 from ..segmenter import Segmenter
-from ..sources import read_image
+from ..sources import ArraySource, read_image
 from .common import add_model_options, load_segmenter, positive_int
 
 __all__ = [
@@ -117,18 +118,26 @@ def evaluate_pairs(segmenter: Segmenter, pairs: Sequence[Pair], *, tile_size: in
 
 
 def evaluate_instances(
-    segmenter: Segmenter, pairs: Sequence[Pair], *, tile_size: int = 388, min_area: int | None = None
+    segmenter: Segmenter,
+    pairs: Sequence[Pair],
+    *,
+    tile_size: int = 388,
+    min_area: int | None = None,
+    diameter: Diameter = "auto",
 ) -> list[tuple[str, Overlap, Matching]]:
     """Per image: the foreground overlap, and the instances (the rule ``--output instances``
-    applies: :func:`service.instances.instance_rule`) matched to the mask's objects at IoU 0.5
-    (a binary mask's objects are its connected components)."""
+    applies: :func:`service.instances.instance_rule`, at the scale the image is segmented at)
+    matched to the mask's objects at IoU 0.5 (a binary mask's objects are its connected
+    components)."""
     fg = np.asarray(segmenter.checkpoint.foreground)
-    rule = instance_rule(segmenter.checkpoint, min_area)
     results = []
     for pair in pairs:
         image = read_image(pair.image)
         _, masks = _planes(pair)
-        labels = segment_image(segmenter, image, Options(tile_size=tile_size))
+        options = resolve(segmenter, ArraySource.of(image), Options(tile_size=tile_size, diameter=diameter))
+        labels = segment_image(segmenter, image, options)
+        factor = options.scale.factor if options.scale is not None else 1.0
+        rule = scaled_rule(instance_rule(segmenter.checkpoint, min_area), factor, min_area_given=min_area is not None)
         total, matched = Overlap(0, 0, 0), Matching(0, 0, 0)
         for pred, truth in zip(labels, masks, strict=True):
             total = total + overlap(np.isin(pred, fg), truth)
@@ -204,9 +213,9 @@ def _write_tiff_atomic(path: Path, data: npt.NDArray[Any]) -> None:
         tifffile.imwrite(part, data, compression="zlib", metadata={"axes": "YX"})
 
 
-def _synth_one(job: tuple[Path, int, int, tuple[int, int], str | None]) -> None:
-    out, seed, i, size, dtype = job
-    sample = synth_image(np.random.default_rng([seed, i]), size, dtype=dtype)
+def _synth_one(job: tuple[Path, int, int, tuple[int, int], str | None, str]) -> None:
+    out, seed, i, size, dtype, profile = job
+    sample = synth_image(np.random.default_rng([seed, i]), size, dtype=dtype, profile=profile)
     name = f"synth_{i:04d}.tif"
     _write_tiff_atomic(out / "images" / name, sample.image)
     _write_tiff_atomic(out / "masks" / name, sample.labels)
@@ -227,7 +236,7 @@ def _synth(args: argparse.Namespace) -> int:
     masks.mkdir(parents=True, exist_ok=True)
     dtype = None if args.dtype == "random" else args.dtype
     t0 = time.perf_counter()
-    jobs = [(out, args.seed, i, (size[0], size[1]), dtype) for i in range(args.n)]
+    jobs = [(out, args.seed, i, (size[0], size[1]), dtype, args.profile) for i in range(args.n)]
     done = 0
     with contextlib.ExitStack() as stack:
         if args.workers > 1:  # image i depends only on (seed, i): the same files for any worker count
@@ -273,6 +282,10 @@ def _train_command(args: argparse.Namespace) -> str:
         parts += ["--val-images", str(args.val_images), "--val-masks", str(args.val_masks)]
         if args.calibrate:
             parts.append("--calibrate")
+    if args.object_size is not None:
+        parts += ["--object-size", *(f"{v:g}" for v in args.object_size)]
+        if args.pixel_size_um is not None:
+            parts += ["--pixel-size-um", f"{args.pixel_size_um:g}"]
     return shlex.join(parts)
 
 
@@ -311,6 +324,7 @@ def _train(args: argparse.Namespace) -> int:
         num_classes=args.classes,
         boundary_width=args.boundary_width,
     )
+    size = _object_size(args, masks)  # the masks' diameters, before they are freed
     del images, masks
     log.info("prepared %d training planes in %.1f s", len(data), time.perf_counter() - t0)
     config = TrainConfig(
@@ -431,9 +445,35 @@ def _train(args: argparse.Namespace) -> int:
         info=info,
         instances=rule.to_dict(),
         weights_dtype=args.weights_dtype,
+        size=size,
     )
     print(f"train: wrote {args.output} (sha256 {sha}) after {result.wall_s / 60:.1f} min", file=sys.stderr)
     return 0
+
+
+def _diameter(value: str) -> Diameter:
+    try:
+        return parse_diameter(value)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _object_size(args: argparse.Namespace, masks: list[npt.NDArray[Any]]) -> ObjectSize | None:
+    """``--object-size`` with the range of diameters the training masks hold (1st-99th
+    percentile of the objects' equivalent diameters), or None when not asked for."""
+    if args.object_size is None:
+        return None
+    native, low, high = args.object_size
+    diameters = []
+    for m in masks:
+        area = np.bincount(np.asarray(m, np.int64).ravel())[1:]
+        diameters.append(np.sqrt(4.0 * area[area > 0] / np.pi))
+    d = np.concatenate(diameters) if diameters else np.zeros(0)
+    trained = (round(float(np.percentile(d, 1)), 1), round(float(np.percentile(d, 99)), 1)) if d.size else None
+    try:
+        return ObjectSize(native, low, high, trained, args.pixel_size_um)
+    except CheckpointError as e:
+        raise InputError(f"--object-size: {e}") from None
 
 
 # --- evaluate --------------------------------------------------------------------------
@@ -442,7 +482,9 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     pairs = find_pairs(args.images, args.masks)
     segmenter = load_segmenter(args)
-    results = evaluate_instances(segmenter, pairs, tile_size=args.tile_size, min_area=args.min_area)
+    results = evaluate_instances(
+        segmenter, pairs, tile_size=args.tile_size, min_area=args.min_area, diameter=args.diameter
+    )
     width = max(len(name) for name, _, _ in results)
     print(f"{'image':<{width}}  dice    iou     f1@0.5")
     for name, o, m in results:
@@ -496,6 +538,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--workers", type=positive_int, default=1, help="processes (default 1); the files do not depend on it"
+    )
+    p.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="classic",
+        help="what the images show (default classic: widefield, nuclei 7-60 px; microscopes: the demo "
+        "model's mix, 8-120 px, textured stains, confocal and saturated nuclei; large: 60-120 px; textured)",
     )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_synth)
@@ -568,6 +617,21 @@ def register(sub: Any) -> None:
         action="store_true",
         help="after training, shift the background logit to the offset that maximizes Dice on the validation set",
     )
+    p.add_argument(
+        "--object-size",
+        type=_pos_float,
+        nargs=3,
+        default=None,
+        metavar=("NATIVE", "LOW", "HIGH"),
+        help="record the object diameters (px) the model segments as they are (LOW-HIGH) and the one images with"
+        " other sizes are rescaled to (NATIVE); with the training masks' range (see segment --diameter)",
+    )
+    p.add_argument(
+        "--pixel-size-um",
+        type=_pos_float,
+        default=None,
+        help="with --object-size: the pixel size (µm) the native scale stands for (segment --pixel-size)",
+    )
     p.add_argument("--state", type=Path, default=None, help="resumable state file (default: OUTPUT.state.pt)")
     p.add_argument("--resume", action="store_true", help="continue from the state file")
     p.add_argument("--save-every", type=positive_int, default=50, help="steps between state-file writes")
@@ -583,6 +647,13 @@ def register(sub: Any) -> None:
     p.add_argument("--tile-size", type=positive_int, default=388)
     p.add_argument(
         "--min-area", type=int, default=None, metavar="PX", help="instances: as for segment (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--diameter",
+        type=_diameter,
+        default="auto",
+        metavar="PX|auto|off",
+        help="as for segment (default auto: each image's objects measured, rescaled when outside the model's range)",
     )
     add_model_options(p)
     p.set_defaults(func=_evaluate)
