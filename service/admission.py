@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tifffile
 
@@ -27,6 +27,7 @@ from unet import GeometryError, geometry
 
 from .errors import ImageTooLargeError, UnsupportedImageError
 from .io import ImageHeader
+from .scale import Scale
 from .segmenter import Segmenter
 from .settings import Settings
 
@@ -38,6 +39,7 @@ __all__ = [
     "Work",
     "admit",
     "check_compression",
+    "check_scaled",
     "check_tile_size",
     "check_work",
     "plan_work",
@@ -259,6 +261,26 @@ def admit(
         )
     work = check_work(header, depth, settings, tile_size=tile_size, jobs=jobs)
     return Admitted(header, work.tiles)
+
+
+def check_scaled(
+    header: ImageHeader, scale: Scale, depth: int, settings: Settings, tile_size: int, *, jobs: bool = False
+) -> int:
+    """:func:`check_work` for the image as it is segmented once rescaled (``scale``); its tiles.
+
+    A rescale chosen from the objects' size is known only once the pixels are read, so this
+    runs after admission; an image enlarged past the limits gets the same 422/413."""
+    h, w = scale.shape
+    shape = list(header.shape)
+    shape[header.axes.index("Y")], shape[header.axes.index("X")] = h, w
+    scaled = replace(header, shape=tuple(shape))
+    try:
+        return check_work(scaled, depth, settings, tile_size=tile_size, jobs=jobs).tiles
+    except (GeometryError, ImageTooLargeError) as e:
+        raise type(e)(
+            f"{e} (the image rescaled by {scale.factor:.3g} to {w}x{h} for its objects' size; "
+            "give diameter=off or the objects' diameter in px)"
+        ) from None
 
 
 def _compression_name(code: int) -> str:

@@ -51,6 +51,7 @@ from unet import (
     Checkpoint,
     CheckpointError,
     Normalization,
+    ObjectSize,
     UNet,
     UNetConfig,
     UNetError,
@@ -425,6 +426,7 @@ def _descr(
         "foreground": list(checkpoint.foreground),
         "normalization": norm.to_dict(),
         "instances": checkpoint.instances,
+        "size": checkpoint.size.to_dict() if checkpoint.size is not None else None,
         "checkpoint_sha256": checkpoint.sha256,
         "info": checkpoint.info,
     }
@@ -819,6 +821,7 @@ def _import(src: Path, output: Path, weights: str) -> ImportedPackage:
         "test_output_max_abs_diff": diff,
     }
     instances = ours.get("instances")
+    size = ours.get("size")
     sha = save_checkpoint(
         output,
         model,
@@ -827,6 +830,7 @@ def _import(src: Path, output: Path, weights: str) -> ImportedPackage:
         foreground=foreground,
         info=info,
         instances=instances if isinstance(instances, Mapping) else None,
+        size=ObjectSize.from_dict(size) if isinstance(size, Mapping) else None,
     )
     return ImportedPackage(output, sha, chosen, config, names, normalization, diff, descr.name)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tiling import BandSink, TilePlan, TileSink
-from tiling.instances import InstanceLabeller, InstanceRule, Relabel, Spool
+from tiling.instances import InstanceLabeller, InstanceRule, Relabel, Spool, label_instances
 from unet import Checkpoint, CheckpointError
 from unet.atomic import AtomicTarget
 
@@ -55,9 +56,12 @@ from .sinks import ImageSink, ShowsInput
 
 __all__ = [
     "COLUMNS",
+    "HoleFillSink",
     "InstanceSink",
     "TableWriter",
+    "fill_holes",
     "instance_rule",
+    "scaled_rule",
 ]
 
 COLUMNS = (
@@ -78,6 +82,7 @@ _INTENSITY = ("mean_intensity", "max_intensity", "integrated_intensity")
 _CSV_ROWS = 8192
 _SLICE_PX = 1 << 21  # pixels of the slices of a band the labeller takes at a time (64 rows of 32768)
 
+_FILL_SLICE_PX = _SLICE_PX // 8  # the hole fill's slices: its working arrays stay ~10 MB
 BandWriter = Callable[[npt.NDArray[Any], int], None]
 
 
@@ -106,6 +111,20 @@ def instance_rule(checkpoint: Checkpoint, min_area: int | None = None) -> Instan
             raise OptionError(f"min area must be >= 0 px, got {min_area}")
         rule = replace(rule, min_area=min_area)
     return rule
+
+
+def scaled_rule(rule: InstanceRule, factor: float, *, min_area_given: bool = False) -> InstanceRule:
+    """``rule`` (made for the model's scale) for a result mapped back from an image rescaled by
+    ``factor`` (rescaled / input): the growth reach and, unless the caller gave it in input
+    pixels, the minimum area follow the objects' size.
+
+    >>> scaled_rule(InstanceRule(seeds=(1,), grow=(2,), min_area=20), 0.5)
+    InstanceRule(seeds=(1,), grow=(2,), min_area=80, grow_px=8, fill_holes=True)
+    """
+    if factor == 1.0:
+        return rule
+    area = rule.min_area if min_area_given else round(rule.min_area / factor**2)
+    return replace(rule, min_area=area, grow_px=max(1, math.ceil(rule.grow_px / factor - 1e-9)))
 
 
 def _columns(channels: int, stack: bool, um2: bool) -> list[str]:
@@ -509,3 +528,122 @@ class _Crops:
                 del cache[k]
         crop = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
         return np.asarray(crop == obj)
+
+
+def fill_holes(classes: npt.NDArray[Any], rule: InstanceRule) -> npt.NDArray[np.uint8]:
+    """What :class:`HoleFillSink` writes, for a whole (Y, X) class mask in memory: each
+    background pixel the instance rule fills into an object takes the rule's first seed class.
+
+    >>> c = np.zeros((7, 7), np.uint8); c[1:6, 1:6] = 1; c[3, 3] = 0
+    >>> int(fill_holes(c, InstanceRule(seeds=(1,)))[3, 3])
+    1
+    """
+    out = np.array(classes, np.uint8)
+    holes = (out == 0) & (label_instances(out, replace(rule, fill_holes=True)) > 0)
+    out[holes] = rule.seeds[0]
+    return out
+
+
+class _Rows:
+    """Rows of a :class:`Spool` read back in order, ``take(n)`` at a time."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.chunks = spool.chunks()
+        self.buf: npt.NDArray[np.uint32] | None = None
+
+    def take(self, n: int) -> npt.NDArray[np.uint32]:
+        parts, have = [], 0
+        while have < n:
+            if self.buf is None or not len(self.buf):
+                self.buf = next(self.chunks)[1]
+            piece = self.buf[: n - have]
+            self.buf = self.buf[len(piece) :]
+            parts.append(piece)
+            have += len(piece)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclass
+class _FillPlane:
+    index: int
+    labeller: InstanceLabeller
+    classes: Spool
+    bands: BandSink
+    owner: HoleFillSink
+
+    def add(self, tile: Any, y: npt.NDArray[Any]) -> None:
+        self.bands.add(tile, y)
+
+    def finish(self) -> None:
+        self.bands.finish()
+        self.owner._finish_plane(self.index, self.labeller.finish(), self.classes)
+
+
+class HoleFillSink:
+    """Class labels with the holes of their objects filled, into the sink ``inner`` (uint8).
+
+    The objects are those of ``rule`` (the instance rule: one hole inside one nucleus is
+    filled, a gap enclosed by several touching nuclei is not); each background region the
+    rule fills into an object (it does not touch the image border and borders only that
+    object) takes the class ``fill`` (the rule's first seed class: ``nucleus``). Every other
+    pixel keeps its class. Two passes per plane as :class:`InstanceSink`, with the class
+    labels spooled beside the provisional ids, so memory stays O(band x width).
+    """
+
+    def __init__(
+        self, inner: ImageSink, header: ImageHeader, rule: InstanceRule, *, spool_dir: Path | None = None
+    ) -> None:
+        self.inner, self.header, self.rule, self.spool_dir = inner, header, replace(rule, fill_holes=True), spool_dir
+        self.fill = np.uint8(rule.seeds[0])
+        self.filled = 0  # pixels filled, all planes
+        self._spools: list[Spool] = []
+
+    def normalized(self, index: int, affine: Any) -> None:
+        if isinstance(self.inner, ShowsInput):
+            self.inner.normalized(index, affine)
+
+    def plane(self, index: int, plan: TilePlan) -> TileSink:
+        ids, classes = Spool(self.header.width, self.spool_dir), Spool(self.header.width, self.spool_dir)
+        self._spools += [ids, classes]
+        labeller = InstanceLabeller(plan.image_shape, self.rule, ids)
+        rows = max(16, _FILL_SLICE_PX // max(self.header.width, 1))  # labels stream in less memory than instances
+
+        def add(band: npt.NDArray[Any], y0: int) -> None:
+            for start in range(0, len(band), rows):
+                piece = band[start : start + rows]
+                labeller.add(piece)
+                classes.write(piece.astype(np.uint32))
+
+        return _FillPlane(index, labeller, classes, BandSink(plan, np.uint8, add), self)
+
+    def _finish_plane(self, index: int, relabel: Relabel, classes: Spool) -> None:
+        write = self.inner.band_writer(index, np.uint8)
+        rows = _Rows(classes)
+        for y0, ids in relabel.bands():
+            c = rows.take(len(ids)).astype(np.uint8)
+            holes = (c == 0) & (ids > 0)
+            if holes.any():
+                c[holes] = self.fill
+                self.filled += int(holes.sum())
+            write(c, y0)
+        relabel.spool.close()
+        classes.close()
+
+    def finish(self) -> None:
+        try:
+            self.inner.finish()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._close_spools()
+
+    def abort(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.inner.abort()
+        self._close_spools()
+
+    def _close_spools(self) -> None:
+        for s in self._spools:
+            s.close()
+        self._spools.clear()

@@ -26,7 +26,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,9 +35,11 @@ import numpy.typing as npt
 
 import tiling
 from tiling import Tile, TilePlan, TileSink
+from tiling.rescale import RescaleBack, RescaledPlane
 
 from .errors import InputError, OptionError
 from .io import ImageData, ImageHeader
+from .scale import Diameter, Scale, resolve_scale
 from .segmenter import Segmenter
 from .sinks import ImageSink, MemorySink, PyramidTiffSink, ShowsInput, Sink, TiledTiffSink
 from .sources import NGFF_VERSIONS, ArraySource, Source, TiffSource, is_ome_zarr
@@ -56,6 +58,7 @@ __all__ = [
     "open_input",
     "open_sink",
     "plan_of",
+    "resolve",
     "run_plane",
     "segment",
     "segment_file",
@@ -86,6 +89,10 @@ class Options:
     geojson: Path | None = None  # instances: QuPath shapes beside the image
     preview: Path | None = None  # a preview pyramid of plane 0 (service.preview) beside the result
     preview_max: int | None = None  # store only its levels no larger than this (None: all, for zooming)
+    diameter: Diameter = "auto"  # objects' diameter (px), "auto" (estimated) or "off" (never rescale)
+    pixel_size: float | None = None  # µm per px given by the caller: rescale to the model's pixel size
+    fill_holes: bool = True  # labels: fill the holes of objects (instances always fill theirs)
+    scale: Scale | None = None  # the scale chosen for this image (set by resolve)
 
     @property
     def engine_output(self) -> Literal["labels", "probabilities"]:
@@ -204,16 +211,21 @@ def open_sink(
     inner = _image_sink(route, target, header, segmenter, options, source=source, into_input=into_input)
     if options.preview is not None:
         inner = _previewed(inner, header, segmenter, options, source)
-    if options.output != "instances":
+    labels = options.output == "labels" and options.fill_holes
+    if options.output != "instances" and not labels:
         return inner
-    from .instances import InstanceSink, instance_rule  # noqa: PLC0415
+    from .instances import HoleFillSink, InstanceSink, instance_rule, scaled_rule  # noqa: PLC0415
 
-    assert source is not None, "instances read the input's rows again for their measurements"
     spool = None
     if route.streamed:
         spool = target.parent if target is not None else getattr(source, "path", Path(".")).parent
     try:
+        factor = options.scale.factor if options.scale is not None else 1.0
         rule = instance_rule(segmenter.checkpoint, options.min_area)
+        rule = scaled_rule(rule, factor, min_area_given=options.min_area is not None)
+        if labels:
+            return HoleFillSink(inner, header, rule, spool_dir=spool)
+        assert source is not None, "instances read the input's rows again for their measurements"
         return InstanceSink(inner, header, rule, source, table=options.table, geojson=options.geojson, spool_dir=spool)
     except BaseException:
         inner.abort()
@@ -352,14 +364,32 @@ def run_plane(
 
 
 def plan_of(segmenter: Segmenter, header: ImageHeader, options: Options) -> TilePlan:
-    """The tile plan of every plane of an image (planes share their Y, X)."""
+    """The tile plan of every plane of an image (planes share their Y, X), at the scale it is
+    segmented at (``options.scale``)."""
     return _plan(segmenter, header, options)
 
 
 def _plan(segmenter: Segmenter, header: ImageHeader, options: Options) -> TilePlan:
-    return tiling.plan_tiles(
-        (header.height, header.width), depth=segmenter.depth, tile_size=options.tile_size, stride=options.stride
-    )
+    shape = options.scale.shape if options.scale is not None else (header.height, header.width)
+    return tiling.plan_tiles(shape, depth=segmenter.depth, tile_size=options.tile_size, stride=options.stride)
+
+
+def resolve(segmenter: Segmenter, source: Source, options: Options) -> Options:
+    """``options`` with the scale of ``source``'s image chosen (:func:`service.scale.resolve_scale`:
+    may segment a crop of plane 0 to estimate the objects' size); as is if already chosen."""
+    if options.scale is not None:
+        return options
+    header = source.header
+    segmenter.check(header)
+    plane0 = source.plane(0) if math.prod(header.stack_shape) else None
+    scale = resolve_scale(segmenter, header, plane0, options.diameter, options.pixel_size)
+    if scale.rescaled:
+        log.info("objects ~%s px: segmenting at %s", _fmt(scale.diameter_px), scale.describe())
+    return replace(options, scale=scale)
+
+
+def _fmt(v: float | None) -> str:
+    return "?" if v is None else f"{v:.0f}"
 
 
 def count_tiles(segmenter: Segmenter, header: ImageHeader, options: Options) -> int:
@@ -377,14 +407,21 @@ def segment(
     """
     header = source.header
     try:
-        segmenter.check(header)
+        options = resolve(segmenter, source, options)
+        scale = options.scale
+        assert scale is not None
         plan = _plan(segmenter, header, options)
         for i in range(math.prod(header.stack_shape)):
             plane = source.plane(i)
             affine = segmenter.checkpoint.normalization.fit(plane)  # once per plane, from a bounded sample
             if isinstance(sink, ShowsInput):
                 sink.normalized(i, affine)
-            run_plane(segmenter, plane, plan, affine, sink.plane(i, plan), options.engine_output, progress)
+            if not scale.rescaled:
+                run_plane(segmenter, plane, plan, affine, sink.plane(i, plan), options.engine_output, progress)
+                continue
+            back = RescaleBack(plan, (header.height, header.width), options.engine_output)
+            back.connect(sink.plane(i, back.plan))
+            run_plane(segmenter, RescaledPlane(plane, scale.shape), plan, affine, back, "probabilities", progress)
         sink.finish()
     except BaseException:
         sink.abort()
@@ -397,9 +434,10 @@ def segment_image(
     """A decoded image's (planes, Y, X) uint8 labels, uint32 instances (with ``options``'
     table and GeoJSON written) or (planes, K, Y, X) float32 probabilities."""
     source = ArraySource.of(image)
+    options = resolve(segmenter, source, options)
     memory = MemorySink(image.header, options.output, segmenter.checkpoint.config.num_classes)
     sink: Sink = memory
-    if options.output == "instances":
+    if options.output == "instances" or (options.output == "labels" and options.fill_holes):
         sink = open_sink(Route("decoded", "memory"), None, image.header, segmenter, options, source=source)
         memory = sink.inner  # type: ignore[attr-defined]
     segment(segmenter, source, sink, options, progress)
@@ -414,6 +452,7 @@ class Report:
     route: Route
     tiles: int
     objects: int | None = None  # instances: how many (all planes)
+    scale: Scale | None = None  # the scale it was segmented at
 
 
 def segment_file(
@@ -428,12 +467,14 @@ def segment_file(
     route: Route | None = None,
     progress: Progress | None = None,
     on_open: Callable[[ImageHeader, Route, int], None] | None = None,
+    on_scale: Callable[[Scale], None] | None = None,
 ) -> Report:
     """Segment the image at ``src`` into ``dst`` (TIFF, ``.ome.tif`` with ``options.pyramid``,
     or ``.zarr``/``.ome.zarr``), or with ``into_input`` into the input OME-Zarr's own store.
 
     ``route``: the decision made earlier (a job's admission), else made here. ``on_open``
-    is called with the header, the route and the tile count before any tile is computed.
+    is called with the header, the route and the tile count before any tile is computed;
+    ``on_scale`` with the scale chosen (:mod:`service.scale`), before that.
     """
     if into_input and dst is not None:
         raise InputError("give either an output path or into-input, not both")
@@ -465,11 +506,15 @@ def segment_file(
             header, options, stream_above_mb=stream_above_mb, zarr_in=zarr_in, zarr_out=zarr_out
         )
         segmenter.check(header)
+        if isinstance(source, TiffSource):
+            source.windowed() if chosen.read == "windowed" else source.decoded()
+        options = resolve(segmenter, source, options)
+        if on_scale is not None and options.scale is not None:
+            on_scale(options.scale)
         tiles = count_tiles(segmenter, header, options)
         if on_open is not None:
             on_open(header, chosen, tiles)
-        if isinstance(source, TiffSource):
-            source.windowed() if chosen.read == "windowed" else source.decoded()
         sink = open_sink(chosen, target, header, segmenter, options, source=source, into_input=into_input)
         segment(segmenter, source, sink, options, progress)
-        return Report(header, chosen, tiles, getattr(sink, "count", None) if options.output == "instances" else None)
+        objects = getattr(sink, "count", None) if options.output == "instances" else None
+        return Report(header, chosen, tiles, objects, options.scale)

@@ -182,6 +182,8 @@ class Segmenter:
             "device": str(self.predictor.device),
             "precision": self.predictor.precision,
             "backend": self.predictor.backend,
+            # the object diameters (px) it segments as they are; others are rescaled to "native"
+            "size": ck.size.to_dict() if ck.size is not None else None,
             "tile": {
                 "output": 388,
                 "input": geometry.input_size(388, self.depth),

@@ -29,8 +29,9 @@ from typing import Any, Literal
 import numpy.typing as npt
 
 from service.errors import InputError
-from service.pipeline import Options, Route, open_sink
+from service.pipeline import Options, Route, open_sink, resolve
 from service.pipeline import segment as _segment
+from service.scale import parse_diameter
 from service.segmenter import Segmenter
 from service.sinks import MemorySink, Sink
 from service.sources import ArraySource
@@ -96,6 +97,9 @@ class Model:
         axes: str | None = None,
         min_area: int | None = None,
         precision: str | None = None,
+        diameter: float | str = "auto",
+        pixel_size: float | None = None,
+        fill_holes: bool = True,
     ) -> npt.NDArray[Any]:
         """The mask of ``image``: (Y, X) uint8 class ids, (K, Y, X) float32 probabilities or
         (Y, X) uint32 instances; a stack (``axes`` with Z, T, ...) gets its stack axes first.
@@ -103,15 +107,25 @@ class Model:
         ``axes``: e.g. ``"YX"``, ``"CYX"``, ``"YXC"``, ``"ZYX"``; by default ``YX`` for 2-D, and
         for 3-D the axis whose length is the model's channel count as C (first, else last).
         ``precision``: this call's, else the model's. ``min_area``: instances' smallest object
-        (default: the checkpoint's).
+        (default: the checkpoint's). ``diameter``: the objects' size in px, ``"auto"`` (measured;
+        rescaled only outside the model's range) or ``"off"``; ``pixel_size``: µm per px instead
+        (see docs/scale.md). ``fill_holes``: labels without holes inside objects.
         """
         segmenter = self._segmenter(precision or self.precision)
         source = ArraySource(image, axes or _axes(tuple(image.shape), self.checkpoint.config.in_channels))
         header = source.header
-        options = Options(output=output, tile_size=tile_size, min_area=min_area)
+        options = Options(
+            output=output,
+            tile_size=tile_size,
+            min_area=min_area,
+            diameter=parse_diameter(diameter),
+            pixel_size=pixel_size,
+            fill_holes=fill_holes,
+        )
+        options = resolve(segmenter, source, options)
         memory = MemorySink(header, output, self.checkpoint.config.num_classes)
         sink: Sink = memory
-        if output == "instances":
+        if output == "instances" or (output == "labels" and fill_holes):
             sink = open_sink(Route("decoded", "memory"), None, header, segmenter, options, source=source)
             memory = sink.inner  # type: ignore[attr-defined]
         _segment(segmenter, source, sink, options)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -27,11 +28,12 @@ from tiling import TilingError
 from unet import UNetError
 from unet.atomic import atomic_path
 
-from ..errors import ClusterError, InputError, StorageError, storage_error
+from ..errors import ClusterError, InputError, OptionError, StorageError, storage_error
 from ..io import ImageHeader
 from ..paths import default_checkpoint
 from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Route, decoded_bytes, segment_file
 from ..preview import Preview
+from ..scale import Diameter, parse_diameter
 from ..segmenter import Segmenter
 from ..sources import NGFF_VERSIONS, is_ome_zarr
 from .common import add_model_options, load_segmenter, positive_int
@@ -242,6 +244,9 @@ def _options(args: argparse.Namespace, item: _Item) -> Options:
         min_area=args.min_area,
         table=item.table,
         geojson=item.geojson,
+        diameter=args.diameter,
+        pixel_size=args.pixel_size,
+        fill_holes=not args.keep_holes,
     )
 
 
@@ -323,6 +328,11 @@ def _run_one(args: argparse.Namespace, item: _Item, segmenter: Segmenter | None,
 def _single(args: argparse.Namespace, item: _Item) -> int:
     t0 = time.perf_counter()
     report = _run_one(args, item, None, _Tiles(args, item.src))
+    if report is not None and report.scale is not None:
+        if report.scale.rescaled and not args.quiet:  # the result is at the input's shape; say how it was made
+            print(f"unet-tile: {report.scale.describe()}", file=sys.stderr)
+        else:
+            log.info("%s", report.scale.describe())
     log.info("wrote %s in %.2f s", item.dst or item.src, time.perf_counter() - t0)
     if report is not None and report.objects is not None and not args.quiet:
         print(f"unet-tile: {report.objects} objects", file=sys.stderr)
@@ -354,6 +364,8 @@ def _batch(args: argparse.Namespace, items: list[_Item]) -> int:
                 tqdm.write(f"unet-tile: skipped {item.src}: {e}", file=sys.stderr)
             else:
                 done += 1
+                if report.scale is not None:
+                    log.info("%s: %s", item.src, report.scale.describe())
                 if report.objects is not None:
                     log.info("%s: %d objects", item.src, report.objects)
             files.update(1)
@@ -399,6 +411,23 @@ def _on_cluster(
         progress=advance,
         on_open=opened,
     )
+
+
+def _diameter(value: str) -> Diameter:
+    try:
+        return parse_diameter(value)
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _pixel_size(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"pixel size must be a number of µm, got {value!r}") from None
+    if not (math.isfinite(v) and 0 < v <= 1000):
+        raise argparse.ArgumentTypeError(f"pixel size must be between 0 and 1000 µm, got {value!r}")
+    return v
 
 
 def register(sub: Any) -> None:
@@ -486,6 +515,29 @@ def register(sub: Any) -> None:
         default=1024,
         metavar="PX",
         help="the overview's longest side at most PX (default 1024; the pyramid level that fits, at least half of it)",
+    )
+    size = p.add_argument_group("object size (the model's scale)")
+    size.add_argument(
+        "--diameter",
+        type=_diameter,
+        default="auto",
+        metavar="PX|auto|off",
+        help="the nuclei's typical diameter in px: the image is rescaled so that they come out at the model's"
+        " size, and the result mapped back to the input's shape (default auto: estimated from a crop of the"
+        " image, rescaled only when outside the model's range; off: never rescale)",
+    )
+    size.add_argument(
+        "--pixel-size",
+        type=_pixel_size,
+        default=None,
+        metavar="UM",
+        help="µm per px: rescale to the model's pixel size instead (the checkpoint's; the demo model's is nominal,"
+        " a 10 µm nucleus at its native diameter)",
+    )
+    size.add_argument(
+        "--keep-holes",
+        action="store_true",
+        help="labels: keep holes inside nuclei (default: filled, as nuclei are simply connected)",
     )
     p.add_argument("--tile-size", type=positive_int, default=388, help="output tile size: 388 (default), 644, 900, ...")
     p.add_argument(

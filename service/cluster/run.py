@@ -19,11 +19,12 @@ from distributed.scheduler import KilledWorker
 
 from tiling import TilePlan, TileSink
 from tiling.blocks import BlockGrid, block_plan, block_size, plan_blocks
+from tiling.rescale import RescaleBack
 from unet import file_sha256, load_checkpoint
 
 from ..errors import ClusterError, InputError
 from ..io import ImageHeader
-from ..pipeline import Options, Report, Route, choose_route, count_tiles, open_input, open_sink, plan_of
+from ..pipeline import Options, Report, Route, choose_route, count_tiles, open_input, open_sink, plan_of, resolve
 from ..segmenter import Segmenter
 from ..sinks import Sink
 from ..sources import TiffSource, is_ome_zarr
@@ -255,6 +256,7 @@ def segment_on_cluster(
             source.windowed()  # this process reads only the normalization's sample
         route = choose_route(header, options, stream_above_mb=0, zarr_in=zarr_in, zarr_out=zarr_out)
         local.check(header)
+        options = resolve(local, source, options)  # a size estimate runs here, on a crop
         plan = plan_of(local, header, options)
         side = block_for(plan, zarr_out, block)
         grid = plan_blocks(plan, side)
@@ -281,7 +283,7 @@ def segment_on_cluster(
             resolved = str(Path(src).resolve())
             _segment_blocks(c, sink, source, local, grid, plans, plugin.name, resolved, options, resources, progress)
         objects = getattr(sink, "count", None) if options.output == "instances" else None
-        return Report(header, route, sum(len(p) for p in plans) * planes, objects)
+        return Report(header, route, sum(len(p) for p in plans) * planes, objects, options.scale)
 
 
 def _segment_blocks(
@@ -299,16 +301,26 @@ def _segment_blocks(
 ) -> None:
     run_id = uuid.uuid4().hex[:8]
     writer = None
+    scale = options.scale
+    scaled = scale.shape if scale is not None and scale.rescaled else None
+    output = "probabilities" if scaled is not None else options.engine_output
+    header = source.header
     try:
-        if hasattr(sink, "block_writer"):
+        if hasattr(sink, "block_writer") and scaled is None:
             writer = sink.block_writer(grid.tile_out, grid.grid)
-        for i in range(math.prod(source.header.stack_shape)):
+        for i in range(math.prod(header.stack_shape)):
             affine = local.checkpoint.normalization.fit(source.plane(i))  # once per plane, for every block
             tasks = [
-                BlockTask(plugin, src, options.series, i, b, p, affine, options.engine_output, writer)
+                BlockTask(plugin, src, options.series, i, b, p, affine, output, writer, scaled)
                 for b, p in zip(grid.tiles, plans, strict=True)
             ]
-            _run_plane(client, tasks, None if writer is not None else sink.plane(i, grid), progress, resources, run_id)
+            assemble: TileSink | None = None
+            if scaled is not None:  # blocks of the rescaled image, mapped back here (tiling.rescale)
+                back = RescaleBack(grid, (header.height, header.width), options.engine_output)
+                assemble = back.connect(sink.plane(i, back.plan))
+            elif writer is None:
+                assemble = sink.plane(i, grid)
+            _run_plane(client, tasks, assemble, progress, resources, run_id)
         if writer is not None:
             sink.finish_blocks(writer)  # type: ignore[attr-defined]
         else:

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tiling import ArraySink, Output, Tile, TilePlan
+from tiling.rescale import RescaledPlane
 from unet import ChannelAffine
 
 from ..errors import CorruptImageError, InputError
@@ -41,6 +42,7 @@ class BlockTask:
     affine: ChannelAffine  # the plane's normalization, fitted once by the client
     output: Output = "labels"
     writer: Any = None  # a service.omezarr.BlockWriter: write the block there, return None
+    scaled: tuple[int, int] | None = None  # the plane rescaled to this (Y, X) first (service.scale)
 
     @property
     def tiles(self) -> int:
@@ -55,6 +57,8 @@ def run_block(task: BlockTask) -> npt.NDArray[Any] | None:
     segmenter = state.segmenter
     try:
         plane = state.source(task.input, task.series).plane(task.plane)
+        if task.scaled is not None:
+            plane = RescaledPlane(plane, task.scaled)
     except InputError as e:
         raise type(e)(f"worker {get_worker().address}: {e}") from None
     except OSError as e:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ..pipeline import Options
+from ..scale import parse_diameter
 
 __all__ = ["JOB_ID_PATTERN", "JobOptions", "JobRecord", "State"]
 
@@ -30,6 +31,9 @@ class JobOptions:
     format: Literal["tiff", "ome-zarr"] = "tiff"  # ome-zarr: an OME-Zarr store, downloaded as a zip
     min_area: int | None = None  # instances: drop smaller objects (None: the checkpoint's minimum)
     preview: bool = True  # build the zoomable preview (/jobs/{id}/preview.png, /jobs/{id}/tiles/...)
+    diameter: str = "auto"  # the objects' diameter: "auto", "off" or px (service.scale)
+    pixel_size: float | None = None  # µm per px: rescale to the model's pixel size
+    keep_holes: bool = False  # labels: leave the holes of objects unfilled
 
     @property
     def pipeline(self) -> Options:
@@ -39,6 +43,9 @@ class JobOptions:
             pyramid=self.pyramid,
             series=self.series,
             min_area=self.min_area,
+            diameter=parse_diameter(self.diameter),
+            pixel_size=self.pixel_size,
+            fill_holes=not self.keep_holes,
         )
 
 
@@ -64,6 +71,7 @@ class JobRecord:
     attempts: int = 0
     objects: int | None = None  # instances: how many were found
     has_preview: bool = False  # a preview was built (not on a Dask cluster, or with preview=false)
+    scale: dict[str, Any] | None = None  # the scale it was segmented at (service.scale.Scale), once known
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +124,7 @@ class JobRecord:
             "result_url": f"/jobs/{self.id}/result" if self.state == "done" else None,
             "result_bytes": self.result_bytes if self.state == "done" else None,
             "objects": self.objects if self.state == "done" else None,
+            "scale": self.scale,
             "table_url": f"/jobs/{self.id}/table" if self.state == "done" and self.objects is not None else None,
             "geojson_url": f"/jobs/{self.id}/geojson" if self.state == "done" and self.objects is not None else None,
             "preview_url": f"/jobs/{self.id}/preview" if self.state == "done" and self.has_preview else None,

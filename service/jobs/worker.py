@@ -16,10 +16,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..admission import check_scaled
 from ..errors import ClusterError, JobError, JobNotFoundError, JobsOffError, is_storage_full, storage_error
 from ..io import ImageHeader
 from ..paths import default_checkpoint
-from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Report, Route, segment_file
+from ..pipeline import DEFAULT_STREAM_ABOVE_MB, Options, Report, Route, open_input, segment_file
+from ..scale import Scale
 from ..segmenter import Segmenter
 from ..settings import Settings
 from .records import JobRecord, State
@@ -54,11 +56,19 @@ class ClusterJobs:
     connect_timeout_s: float = 10.0
 
 
-class _JobTiles:
-    """A cluster run's progress in the job's own tile count (``tiles_total``, counted at
-    admission from the whole-image plan).
+def _header(src: Path, series: int = 0) -> ImageHeader:
+    """The header of a job's input (parsed again: cheap, no pixel decoded)."""
+    with contextlib.closing(open_input(src, series=series)) as source:
+        return source.header
 
-    The blocks' plans may hold a few tiles more than the whole image's (a tile whose kept
+
+class _JobTiles:
+    """A run's progress in the job's own tile count (``tiles_total``, counted at admission
+    from the whole-image plan).
+
+    An image rescaled to the model's object size (:mod:`service.scale`) takes more or fewer
+    tiles than admitted; so may a cluster run:
+    the blocks' plans may hold a few tiles more than the whole image's (a tile whose kept
     part crosses into a last block thinner than the tile overlap is run by both blocks), so
     the blocks' tiles are scaled to the admitted total, counted from ``on_open``: the job's
     ``tiles_done`` advances as the blocks finish and ends at exactly ``tiles_total``.
@@ -114,8 +124,10 @@ class JobWorker:
         housekeeping_s: float = 30.0,
         timeout_s: float | None = None,
         cluster: ClusterJobs | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.store = store
+        self.settings = settings  # the work limits a rescaled image is held to (None: none)
         self.timeout_s = timeout_s or None  # a run past it fails at its next batch; None or 0: no limit
         self.segmenter = segmenter
         self.workers = workers
@@ -343,9 +355,19 @@ class JobWorker:
             if opts.preview:  # drawn from the tiles as they come (the cluster's blocks are on other machines)
                 pipeline = replace(pipeline, preview=self.store.preview_path(record.id))
 
+            tiles = _JobTiles(progress, record.tiles_total)  # a rescaled image takes more or fewer tiles
+
             def run(dst: Path) -> None:
                 report = segment_file(
-                    self.segmenter, src, dst, pipeline, route=route, max_pixels=self.max_pixels, progress=progress
+                    self.segmenter,
+                    src,
+                    dst,
+                    pipeline,
+                    route=route,
+                    max_pixels=self.max_pixels,
+                    progress=tiles,
+                    on_open=lambda _h, _r, n: tiles.opened(n),
+                    on_scale=lambda s: self._scaled(record.id, s, _header(src, opts.series), opts.tile_size),
                 )
                 if report.objects is not None:
                     self._objects[record.id] = report.objects
@@ -354,6 +376,8 @@ class JobWorker:
 
             def run(dst: Path) -> None:
                 report = self._on_cluster(record, src, dst, pipeline, progress)
+                if report.scale is not None:
+                    self._scaled(record.id, report.scale)
                 if report.objects is not None:
                     self._objects[record.id] = report.objects
 
@@ -366,6 +390,13 @@ class JobWorker:
                 _remove(store)
             return
         run(self.store.result_path(record.id))
+
+    def _scaled(self, job_id: str, scale: Scale, header: ImageHeader | None = None, tile_size: int = 388) -> None:
+        """The scale chosen for a job, in its status as soon as it is known; an image enlarged
+        past the jobs' work limits fails here, before any tile (the message says why)."""
+        self.store.update(job_id, lambda r: setattr(r, "scale", scale.to_json()))
+        if scale.rescaled and header is not None and self.settings is not None:
+            check_scaled(header, scale, self.segmenter.depth, self.settings, tile_size, jobs=True)
 
     # on a Dask cluster
     def _on_cluster(
@@ -489,6 +520,7 @@ def start_jobs(settings: Settings, segmenter: Segmenter) -> JobWorker:
         housekeeping_s=min(30.0, max(settings.jobs_ttl_s / 4, 0.5)),
         timeout_s=settings.jobs_timeout_s,
         cluster=cluster,
+        settings=settings,
     )
     try:
         worker.start()

@@ -19,15 +19,19 @@ __all__ = [
     "BINARY",
     "TIFF",
     "UPLOAD_DOC",
+    "DiameterQuery",
     "ErrorDetail",
     "JobOptionsView",
     "JobProgress",
     "JobView",
+    "KeepHolesQuery",
     "MinAreaQuery",
     "OutputQuery",
+    "PixelSizeQuery",
     "PreviewClass",
     "PreviewLevel",
     "PreviewView",
+    "ScaleView",
     "SegmentOutputQuery",
     "SeriesQuery",
     "TileSizeQuery",
@@ -73,6 +77,23 @@ class JobOptionsView(BaseModel):
     series: int = Field(default=0, ge=0, description="the image series segmented")
     min_area: int | None = Field(default=None, description="instances: the minimum object size asked for (px)")
     preview: bool = Field(default=True, description="whether a zoomable preview is built")
+    diameter: str = Field(default="auto", description="the objects' diameter asked for: auto, off or px")
+    pixel_size: float | None = Field(default=None, description="µm per px asked for (rescale to the model's)")
+    keep_holes: bool = Field(default=False, description="labels: holes inside objects left unfilled")
+
+
+class ScaleView(BaseModel):
+    """The scale an image was segmented at (``service.scale.Scale``)."""
+
+    factor: float = Field(gt=0, description="rescaled size / input size (1: segmented as it is)")
+    shape: list[int] = Field(description="(Y, X) of the image the model saw")
+    how: Literal["auto", "diameter", "pixel-size", "off", "unknown"] = Field(
+        description="auto: estimated from the objects; diameter / pixel-size: from the option; off: never rescaled;"
+        " unknown: the checkpoint records no object size"
+    )
+    diameter_px: float | None = Field(description="the objects' diameter in input px (estimated or given)")
+    diameter_um: float | None = Field(description="the same in µm, where the image's pixel size is known")
+    passes: int = Field(ge=0, description="segmentations of a crop the estimate took")
 
 
 class JobView(BaseModel):
@@ -98,6 +119,7 @@ class JobView(BaseModel):
     result_url: str | None = Field(description="set once the state is done")
     result_bytes: int | None
     objects: int | None = Field(description="instances: how many objects were found (set once done)")
+    scale: ScaleView | None = Field(default=None, description="the scale it is segmented at, once chosen")
     table_url: str | None = Field(description="instances: the measurement table (CSV), once done")
     geojson_url: str | None = Field(description="instances: the objects' outlines (GeoJSON for QuPath), once done")
     preview_url: str | None = Field(
@@ -194,6 +216,22 @@ SegmentOutputQuery = Annotated[
         description="uint8 class ids, float32 per-class probabilities, uint32 instances (0 = background, 1..N ="
         " objects), or the instances' measurement table (CSV) or outlines (GeoJSON that QuPath imports)"
     ),
+]
+DiameterQuery = Annotated[
+    str,
+    Query(
+        pattern=r"^(auto|off|[0-9]+(\.[0-9]+)?)$",
+        description="the nuclei's typical diameter in px: the image is rescaled so they come out at the model's size"
+        " and the result mapped back to the input's shape; auto (default): estimated from a crop, rescaled only when"
+        " outside the model's range; off: never rescale. The scale used is in the X-Scale header",
+    ),
+]
+PixelSizeQuery = Annotated[
+    float | None,
+    Query(gt=0, le=1000, description="µm per px: rescale to the model's pixel size instead (see GET /model)"),
+]
+KeepHolesQuery = Annotated[
+    bool, Query(description="labels: keep holes inside objects (default false: filled, nuclei are simply connected)")
 ]
 MinAreaQuery = Annotated[
     int | None,

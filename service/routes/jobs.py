@@ -49,9 +49,12 @@ from .common import (
     BINARY,
     TIFF,
     UPLOAD_DOC,
+    DiameterQuery,
     JobView,
+    KeepHolesQuery,
     MinAreaQuery,
     OutputQuery,
+    PixelSizeQuery,
     PreviewView,
     SeriesQuery,
     TileSizeQuery,
@@ -237,6 +240,9 @@ async def submit_job(
         Query(description="the result: a TIFF, or an OME-Zarr store (labels; downloaded as a zip of the store)"),
     ] = "tiff",
     min_area: MinAreaQuery = None,
+    diameter: DiameterQuery = "auto",
+    pixel_size: PixelSizeQuery = None,
+    keep_holes: KeepHolesQuery = False,
     preview: Annotated[
         bool, Query(description="build the zoomable preview: /jobs/{id}/preview.png and /jobs/{id}/tiles/...")
     ] = True,
@@ -259,6 +265,9 @@ async def submit_job(
         format=format,
         min_area=min_area,
         preview=preview,
+        diameter=diameter,
+        pixel_size=pixel_size,
+        keep_holes=keep_holes,
     )
     used = await anyio.to_thread.run_sync(store.usage_bytes)
     declared = request.headers.get("content-length", "")

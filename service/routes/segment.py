@@ -16,13 +16,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from starlette.types import Receive, Scope, Send
 
-from ..admission import Admitted, admit
+from ..admission import Admitted, admit, check_scaled
 from ..deps import SegmenterDep, SettingsDep, StateDep
 from ..errors import OptionError, UnsupportedImageError
 from ..http_errors import ClientDisconnectedError, TimeLimitError
 from ..metrics import Metrics
-from ..pipeline import Options, Output, Route, choose_route, open_sink
+from ..pipeline import Options, Output, Route, choose_route, open_sink, resolve
 from ..pipeline import segment as run_pipeline
+from ..scale import Scale, parse_diameter
 from ..segmenter import Segmenter
 from ..settings import Settings
 from ..sinks import MemorySink
@@ -32,7 +33,10 @@ from ..upload import Spool, receive_upload
 from .common import (
     TIFF,
     UPLOAD_DOC,
+    DiameterQuery,
+    KeepHolesQuery,
     MinAreaQuery,
+    PixelSizeQuery,
     SegmentOutputQuery,
     SeriesQuery,
     TileSizeQuery,
@@ -107,10 +111,14 @@ async def segment(
     tile_size: TileSizeQuery = 388,
     series: SeriesQuery = 0,
     min_area: MinAreaQuery = None,
+    diameter: DiameterQuery = "auto",
+    pixel_size: PixelSizeQuery = None,
+    keep_holes: KeepHolesQuery = False,
 ) -> Response:
     """Segment the uploaded TIFF; the answer has the input's height, width and stack axes.
 
-    Headers: `X-Model-SHA256`, `X-Tiles`, `Server-Timing` (queue, decode, infer, encode).
+    Headers: `X-Model-SHA256`, `X-Tiles`, `X-Scale` (the rescale factor, how it was chosen and
+    the objects' diameter), `Server-Timing` (queue, decode, infer, encode).
 
     The work is bounded from the header, before decoding: more than `UNET_MAX_TILES` tiles,
     or more than `UNET_MAX_WORK_PER_PIXEL` network-input pixels per image pixel, gets 422
@@ -122,7 +130,15 @@ async def segment(
     deadline = Deadline(start + settings.request_timeout_s, settings.request_timeout_s)
     side = output if output in ("table", "geojson") else None
     kind: Output = "instances" if output in ("table", "geojson") else output  # type: ignore[assignment]
-    options = Options(output=kind, tile_size=tile_size, series=series, min_area=min_area)
+    options = Options(
+        output=kind,
+        tile_size=tile_size,
+        series=series,
+        min_area=min_area,
+        diameter=parse_diameter(diameter),
+        pixel_size=pixel_size,
+        fill_holes=not keep_holes,
+    )
     if min_area is not None and options.output != "instances":
         raise OptionError("min_area applies to output=instances, table or geojson")
     slots.admit()  # 503 before reading a byte of an upload we cannot serve
@@ -155,14 +171,15 @@ async def segment(
         "segmented %s %s image (%d tiles, %s) in %.2f s [%s]",
         "x".join(map(str, head.shape)),
         head.dtype.name,
-        run.admitted.tiles,
+        run.tiles,
         "streamed" if run.route.streamed else "in memory",
         time.monotonic() - start,
         timing,
     )
     headers = {
         "X-Model-SHA256": segmenter.checkpoint.sha256,
-        "X-Tiles": str(run.admitted.tiles),
+        "X-Tiles": str(run.tiles),
+        "X-Scale": run.scale.header() if run.scale is not None else "1; off",
         "X-Image-Shape": "x".join(map(str, head.shape)),
         "X-Image-Axes": head.axes,
         "X-Series": f"{head.series}/{head.series_count}",
@@ -202,6 +219,9 @@ class _Run:
     side: str | None = None  # "table" or "geojson": answer that, not the image
     timings: dict[str, float] = field(default_factory=dict)
     objects: int | None = None
+    scale: Scale | None = None
+    tiles: int = 0
+    settings: Settings | None = None
 
     @classmethod
     def open(
@@ -225,7 +245,7 @@ class _Run:
             source.close()
             raise
         directory = os.path.dirname(spool.path) if spool.path else str(settings.spool_dir or tempfile.gettempdir())
-        return cls(source, admitted, route, options, directory, side)
+        return cls(source, admitted, route, options, directory, side, tiles=admitted.tiles, settings=settings)
 
     def work(self, segmenter: Segmenter, deadline: Deadline, metrics: Metrics) -> bytes | Path:
         """Decode (or open windowed), segment and encode on a worker thread; stops at the next
@@ -241,6 +261,11 @@ class _Run:
                 route = Route("decoded", "memory")
         if route.read == "decoded":
             self.source.decoded()
+        options = resolve(segmenter, self.source, self.options)  # may segment a crop: the objects' size
+        self.scale = options.scale
+        if self.scale is not None and self.scale.rescaled:  # held to the same work limits at the scale it runs at
+            assert self.settings is not None
+            self.tiles = check_scaled(self.source.header, self.scale, segmenter.depth, self.settings, options.tile_size)
         t1 = time.perf_counter()
 
         def progress(n: int) -> None:
@@ -248,7 +273,6 @@ class _Run:
             deadline.check()
 
         target = side = None
-        options = self.options
         if route.write != "memory":
             target = self._temporary(".tif")
         try:

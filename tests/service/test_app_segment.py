@@ -113,7 +113,7 @@ def test_openapi_documents_both_upload_forms(server: Any) -> None:
     body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]
     assert {"image/tiff", "multipart/form-data"} <= set(body)
     params = {p["name"] for p in spec["paths"]["/segment"]["post"]["parameters"]}
-    assert params == {"output", "tile_size", "series", "min_area"}
+    assert params == {"output", "tile_size", "series", "min_area", "diameter", "pixel_size", "keep_holes"}
     docs = server.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 

@@ -145,7 +145,7 @@ def test_cluster_output_equals_one_machine(
 ) -> None:
     image = make_image(shape, pixels)
     src = write_input(tmp_path / "in" / "img", image, src_kind)
-    options = out_options(dst_kind)
+    options = out_options(dst_kind, fill_holes=False)  # unfilled labels: the tasks write an OME-Zarr's blocks
     into = dst_kind == "into"
     want_src = src
     if into:  # two copies of the input store: one gets the single machine's labels, the other the cluster's
@@ -235,6 +235,44 @@ def test_instances_on_the_cluster_equal_one_machine(
     for name in ("t.csv", "s.geojson"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     assert_only(tmp_path / "out", got.name, "t.csv", "s.geojson")
+
+
+@pytest.mark.parametrize("dst_kind", ["tif", "zarr0.4"])
+def test_filled_labels_on_the_cluster_equal_one_machine(
+    tmp_path: Path, client: Client, checkpoint: Path, dst_kind: str
+) -> None:
+    """Labels with their holes filled (the default): the blocks come back and the client fills
+    and writes them, as for instances."""
+    src = write_input(tmp_path / "img", make_image((900, 1300), "uint8", seed=6), "tif")
+    options = out_options(dst_kind)
+    want, got = output_path(tmp_path / "ref", dst_kind), output_path(tmp_path / "out", dst_kind)
+    reference(checkpoint, src, want, options)
+    unfilled = output_path(tmp_path / "raw", dst_kind)
+    reference(checkpoint, src, unfilled, dataclasses.replace(options, fill_holes=False))
+    segment_on_cluster(client, checkpoint, src, got, options, block=768, **CPU)
+    assert got is not None and want is not None and unfilled is not None
+    if dst_kind == "tif":
+        out, ref = tifffile.imread(got), tifffile.imread(want)
+        np.testing.assert_array_equal(out, ref)
+        assert (ref != tifffile.imread(unfilled)).any(), "the random model's masks should have holes to fill"
+    else:
+        assert_same_store(got, want)
+
+
+def test_a_rescaled_image_on_the_cluster_equals_one_machine(tmp_path: Path, client: Client) -> None:
+    """Blocks of the rescaled image computed on the workers, mapped back by the client."""
+    path = tmp_path / "sized.safetensors"
+    size = unet.ObjectSize(native=24.0, low=12.0, high=48.0)
+    unet.save_checkpoint(path, balanced_model(base_width=2), class_names=["background", "nucleus"], size=size)
+    src = write_input(tmp_path / "img", make_image((1000, 900), "uint8", seed=7), "tif")
+    for kind in ("labels", "instances"):
+        options = Options(output=kind, diameter=10.0)  # type: ignore[arg-type]  # enlarged 2.4x
+        ref = reference(path, src, tmp_path / f"ref-{kind}.tif", options)
+        got = segment_on_cluster(client, path, src, tmp_path / f"out-{kind}.tif", options, block=768, **CPU)
+        assert got.scale == ref.scale and ref.scale is not None and ref.scale.factor == pytest.approx(2.4)
+        out, want = tifffile.imread(tmp_path / f"out-{kind}.tif"), tifffile.imread(tmp_path / f"ref-{kind}.tif")
+        assert out.shape == want.shape == (1000, 900)
+        np.testing.assert_array_equal(out, want)
 
 
 # --- a worker dies ------------------------------------------------------------------------
@@ -459,7 +497,7 @@ def one_block(
     registered on the workers), writing into a new OME-Zarr store at ``out`` (its temporary
     tree, aborted at the end) when given; yields it and its writer."""
     local = Segmenter(unet.load_checkpoint(checkpoint), device="cpu")
-    options = Options()
+    options = Options(fill_holes=False)  # a block writer: what segment_on_cluster uses when no pass spans blocks
     plugin = ModelPlugin(checkpoint, unet.file_sha256(checkpoint), **CPU)
     _register(client, plugin)
     with open_input(src) as source:
@@ -483,7 +521,7 @@ def one_block(
 def test_a_block_run_twice_rewrites_the_same_chunks(tmp_path: Path, client: Client, checkpoint: Path) -> None:
     """What a retry after a worker's death does: the same block again, here on the other worker."""
     src = write_input(tmp_path / "img", make_image((1600, 1700), "uint8", seed=8), "tif")
-    reference(checkpoint, src, tmp_path / "ref.ome.zarr")
+    reference(checkpoint, src, tmp_path / "ref.ome.zarr", Options(fill_holes=False))
     workers = sorted(client.scheduler_info()["workers"])
     out = tmp_path / "out.ome.zarr"
     with one_block(client, checkpoint, src, out, index=4) as (task, writer):  # the middle block of 3 x 3

@@ -30,6 +30,7 @@ from scipy import ndimage
 import tiling
 import unet
 from service.cli import main
+from service.instances import fill_holes, instance_rule
 from service.pipeline import Options, segment_file, segment_image
 from service.segmenter import Segmenter
 from service.sources import read_image
@@ -77,15 +78,21 @@ def acceptable(axes: str, shape: tuple[int, ...], channels: int = 1) -> bool:
     return (shape[c] if c is not None else 1) == channels
 
 
-def expected_mask(checkpoint: unet.Checkpoint, axes: str, pixels: np.ndarray[Any, Any]) -> tuple[str, np.ndarray]:
-    """Each plane segmented alone; the output layout is the stack axes (input order) + YX."""
+def expected_mask(
+    checkpoint: unet.Checkpoint, axes: str, pixels: np.ndarray[Any, Any], *, filled: bool = True
+) -> tuple[str, np.ndarray]:
+    """Each plane segmented alone, its holes filled unless ``filled`` is false (labels are filled
+    by default; probabilities are the model's own); the output layout is the stack axes (input
+    order) + YX."""
     y, x = axes.index("Y"), axes.index("X")
     c = next((i for i, a in enumerate(axes) if a in "CS"), None)
     stack = [i for i in range(len(axes)) if i not in (y, x, c)]
     arr = pixels.transpose([*stack, *([c] if c is not None else []), y, x])
     h, w = pixels.shape[y], pixels.shape[x]
     planes = arr.reshape(-1, 1, h, w)
+    rule = instance_rule(checkpoint)
     masks = [tiling.segment(p, checkpoint.model, normalize=checkpoint.normalization.fit(p)) for p in planes]
+    masks = [fill_holes(m, rule) for m in masks] if filled else masks
     shape = tuple(pixels.shape[i] for i in stack)
     return "".join(axes[i] for i in stack) + "YX", np.stack(masks).reshape(*shape, h, w)
 
@@ -303,7 +310,7 @@ def test_repeated_plane_letters_the_issue_example(
     probs = memory.post("/segment?output=probabilities", content=QQQ, headers={"Content-Type": "image/tiff"})
     p_axes, p = read_result(probs.content)
     assert p_axes == "QQQCYX" and p.shape == (2, 2, 2, 2, 16, 16)
-    np.testing.assert_array_equal(p.argmax(axis=3), want)
+    np.testing.assert_array_equal(p.argmax(axis=3), expected_mask(checkpoint, axes, pixels, filled=False)[1])
 
 
 # --- non-finite pixels ---------------------------------------------------------------------
@@ -336,14 +343,20 @@ def segmenter(tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
     return Segmenter(unet.load_checkpoint(path), device="cpu", precision="fp32", batch_size=2)
 
 
-def both_paths(segmenter: Segmenter, image: np.ndarray[Any, Any], tmp: Path) -> np.ndarray[Any, Any]:
-    """The in-memory and streamed masks of a 2-D image; they must be equal."""
+def both_paths(
+    segmenter: Segmenter, image: np.ndarray[Any, Any], tmp: Path, *, fill: bool = True
+) -> np.ndarray[Any, Any]:
+    """The in-memory and streamed masks of a 2-D image; they must be equal. With ``fill`` off
+    (``--keep-holes``) the no-data rule stands alone; with it on (the default) the result is
+    that mask with its holes filled: a no-data pixel inside one nucleus is part of it."""
     tifffile.imwrite(tmp / "in.tif", image, tile=(64, 64), compression="zlib")
-    memory = segment_image(segmenter, read_image(tmp / "in.tif"), Options(tile_size=100))[0]
-    assert segment_file(
-        segmenter, tmp / "in.tif", tmp / "out.tif", Options(tile_size=100), stream_above_mb=0
-    ).route.streamed
+    options = Options(tile_size=100, fill_holes=fill)
+    memory = segment_image(segmenter, read_image(tmp / "in.tif"), options)[0]
+    assert segment_file(segmenter, tmp / "in.tif", tmp / "out.tif", options, stream_above_mb=0).route.streamed
     np.testing.assert_array_equal(tifffile.imread(tmp / "out.tif"), memory)
+    if fill:
+        kept = both_paths(segmenter, image, tmp, fill=False)
+        np.testing.assert_array_equal(memory, fill_holes(kept, instance_rule(segmenter.checkpoint)))
     return np.asarray(memory)
 
 
@@ -360,8 +373,9 @@ def test_one_non_finite_pixel_changes_the_mask_only_within_its_receptive_field(
     norm = segmenter.checkpoint.normalization
     a, b = norm.fit(clean[None]), norm.fit(poisoned[None])
     assert (a.scale, a.offset) == (b.scale, b.offset)  # fitted on the finite pixels (ties: the same numbers)
-    want = both_paths(segmenter, clean, tmp_path)
-    got = both_paths(segmenter, poisoned, tmp_path)
+    want = both_paths(segmenter, clean, tmp_path, fill=False)
+    got = both_paths(segmenter, poisoned, tmp_path, fill=False)
+    both_paths(segmenter, poisoned, tmp_path)  # filled: the kept mask, its holes filled, on both paths
     assert 0.1 < want.mean() < 0.9, "the test model should give both classes"
     far = ~near(clean.shape, y, x)
     np.testing.assert_array_equal(got[far], want[far])
@@ -407,7 +421,9 @@ def test_all_nan_image_is_all_background_everywhere(
     assert (probs[0] == 1).all() and (probs[1] == 0).all()  # background for sure, not NaN
 
 
-def test_nan_and_inf_masks_agree_over_http_in_memory_and_streamed(servers: tuple[Server, Server]) -> None:
+def test_nan_and_inf_masks_agree_over_http_in_memory_and_streamed(
+    servers: tuple[Server, Server], checkpoint: unet.Checkpoint
+) -> None:
     image = blobs((200, 210), seed=3)
     image[20, 30], image[100:110, 50:70], image[150, 150] = np.nan, np.nan, np.inf
     data = write_tiff(image, "shaped", "YX")
@@ -417,8 +433,13 @@ def test_nan_and_inf_masks_agree_over_http_in_memory_and_streamed(servers: tuple
         r = server.post("/segment", content=data, headers={"Content-Type": "image/tiff"})
         assert r.status_code == 200, r.text
         masks.append(read_result(r.content)[1])
-    np.testing.assert_array_equal(masks[0], masks[1])
-    assert (masks[0][100:110, 50:70] == 0).all() and masks[0][20, 30] == 0
+        kept = server.post("/segment?keep_holes=true", content=data, headers={"Content-Type": "image/tiff"})
+        assert kept.status_code == 200, kept.text
+        masks.append(read_result(kept.content)[1])
+    np.testing.assert_array_equal(masks[0], masks[2])
+    np.testing.assert_array_equal(masks[1], masks[3])
+    assert (masks[1][100:110, 50:70] == 0).all() and masks[1][20, 30] == 0  # no data: background
+    np.testing.assert_array_equal(masks[0], fill_holes(masks[1], instance_rule(checkpoint)))  # the default: filled
 
 
 # --- several series ------------------------------------------------------------------------
@@ -435,9 +456,9 @@ def two_series() -> tuple[bytes, np.ndarray[Any, Any], np.ndarray[Any, Any]]:
 
 
 def plain_mask(checkpoint: unet.Checkpoint, image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    return np.asarray(
-        tiling.segment(image[None], checkpoint.model, normalize=checkpoint.normalization.fit(image[None]))
-    )
+    """The engine alone on one 2-D image, its holes filled (the default)."""
+    mask = tiling.segment(image[None], checkpoint.model, normalize=checkpoint.normalization.fit(image[None]))
+    return fill_holes(mask, instance_rule(checkpoint))
 
 
 def test_cli_segments_the_chosen_series_and_says_there_are_several(

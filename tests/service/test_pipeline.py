@@ -23,6 +23,7 @@ import tiling
 import unet
 from service.cli import main
 from service.errors import InputError
+from service.instances import fill_holes, instance_rule
 from service.pipeline import Options, choose_route, open_input, segment, segment_file
 from service.segmenter import Segmenter
 from service.sinks import MemorySink, PyramidTiffSink, TiledTiffSink
@@ -100,6 +101,12 @@ def reference(segmenter: Segmenter, inputs: dict[str, Path]) -> np.ndarray[Any, 
     )
     assert 0.1 < labels.mean() < 0.9, "the test model should give both classes"
     return labels
+
+
+@pytest.fixture(scope="module")
+def filled(segmenter: Segmenter, reference: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The reference with its holes filled: what the CLI writes by default (``--keep-holes`` off)."""
+    return fill_holes(reference, instance_rule(segmenter.checkpoint))
 
 
 @contextlib.contextmanager
@@ -233,7 +240,7 @@ def test_the_route_is_decided_once_from_the_header(inputs: dict[str, Path]) -> N
 def test_cli_mixes_tiff_and_ome_zarr(
     segmenter: Segmenter,
     inputs: dict[str, Path],
-    reference: np.ndarray[Any, Any],
+    filled: np.ndarray[Any, Any],
     tmp_path: Path,
     src: str,
     dst: str,
@@ -251,7 +258,7 @@ def test_cli_mixes_tiff_and_ome_zarr(
             assert t.pages.first.get_resolution() == pytest.approx((5000.0, 5000.0))  # 2 µm in both inputs
     else:
         got = read_back(kind, out, None, 2)
-    np.testing.assert_array_equal(got, reference)
+    np.testing.assert_array_equal(got, filled)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +270,7 @@ def checkpoint_file(segmenter: Segmenter, tmp_path_factory: pytest.TempPathFacto
 
 def test_labels_go_into_the_input_store_with_a_flag(
     inputs: dict[str, Path],
-    reference: np.ndarray[Any, Any],
+    filled: np.ndarray[Any, Any],
     tmp_path: Path,
     checkpoint_file: Path,
     capsys: pytest.CaptureFixture[str],
@@ -274,7 +281,7 @@ def test_labels_go_into_the_input_store_with_a_flag(
     shutil.copytree(inputs["0.5"], store)
     argv = ["segment", str(store), "--into-input", "--tile-size", str(TILE), "--checkpoint", str(checkpoint_file)]
     assert main([*argv, "--precision", "fp32", "--device", "cpu", "-q", "--label-name", "cells"]) == 0
-    np.testing.assert_array_equal(read_labels(store, "cells", 2), reference)
+    np.testing.assert_array_equal(read_labels(store, "cells", 2), filled)
     assert main([*argv, "--precision", "fp32", "--device", "cpu", "-q", "--label-name", "cells"]) == 2  # exists
     assert "exists" in capsys.readouterr().err
     assert main(["segment", str(inputs["tiff"]), "--into-input", "-q", "--checkpoint", str(checkpoint_file)]) == 2
