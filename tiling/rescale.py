@@ -40,6 +40,8 @@ from .sinks import BandSink, TileSink
 
 __all__ = ["RescaleBack", "RescaledPlane", "axis_weights", "band_plan", "scaled_shape"]
 
+BACK_SLICE_PX = 1 << 20  # pixels of the slices RescaleBack hands on (scores: ~12 MB for 3 classes)
+
 
 def scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
     """The (rows, cols) of an image of ``shape`` rescaled by ``factor`` (at least 1 px each).
@@ -197,7 +199,11 @@ class RescaleBack:
         ready = [int(np.searchsorted(last_needed, e, side="right")) for e in ends]
         ready[-1] = self.shape[0]
         self._ready = ready
+        # what is ready after a band goes on in slices of at most ~1M pixels: a shrunk image's
+        # band is many input rows tall, and its scores K float32 a pixel
+        step = max(16, BACK_SLICE_PX // max(self.shape[1], 1))
         cuts = sorted({0, *ready})
+        cuts = sorted({*cuts, *(y for a, b in itertools.pairwise(cuts) for y in range(a, b, step))})
         self.plan = band_plan(self.shape, cuts)
         self._inner: TileSink | None = None
         self._bands = BandSink(scaled_plan, np.float32, self._on_band)
@@ -224,15 +230,16 @@ class RescaleBack:
             buf = np.concatenate([self._buf, band], axis=1)
         stop = self._ready[self._band_k]
         self._band_k += 1
-        if stop > self._done:
-            a, b = self._done, stop
+        while self._done < stop:
+            tile = self.plan.tiles[self._next]
+            a, b = tile.dest[0].start, tile.dest[0].stop
+            assert a == self._done and b <= stop
             s0, s1 = _support(self.rows, a, b)
             rw = self.rows[a:b, s0:s1]
             part = buf[:, s0 - self._buf0 : s1 - self._buf0]
             out = np.empty((part.shape[0], b - a, self.shape[1]), np.float32)
             for k, ch in enumerate(part):
                 out[k] = (self.cols @ (rw @ ch).T).T
-            tile = self.plan.tiles[self._next]
             self._next += 1
             self._done = b
             y_out: npt.NDArray[Any] = out if self.output == "probabilities" else np.argmax(out, axis=0).astype(np.uint8)
