@@ -26,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import tifffile
 
+from tiling.padding import plane_slices
+
 from .errors import CorruptImageError, ImageTooLargeError, InputError, UnsupportedImageError
 from .io import ImageData, ImageHeader, check_axes, check_magic, check_segments, header_of, series_of, to_planes
 
@@ -115,15 +117,7 @@ class PlaneView:
         return data if c is not None else data[np.newaxis]
 
     def __getitem__(self, key: Any) -> npt.NDArray[Any]:
-        if not isinstance(key, tuple):
-            key = (key,)
-        if any(k is Ellipsis for k in key):
-            i = key.index(Ellipsis)
-            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
-        key = key + (slice(None),) * (3 - len(key))
-        if len(key) != 3 or not all(isinstance(k, slice) for k in key):
-            raise TypeError(f"PlaneView supports slices only, got {key!r}")
-        channels, rows, cols = key
+        channels, rows, cols = plane_slices(key, "PlaneView")
         start, stop, step = rows.indices(self.shape[1])
         if step == 1 or step < 1:
             return self._read(channels, rows, cols)

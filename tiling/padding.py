@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["mirror_pad", "read_window", "reflect_indices"]
+__all__ = ["mirror_pad", "plane_slices", "read_window", "reflect_indices"]
 
 
 def reflect_indices(start: int, stop: int, n: int) -> npt.NDArray[np.intp]:
@@ -29,6 +29,25 @@ def reflect_indices(start: int, stop: int, n: int) -> npt.NDArray[np.intp]:
     period = 2 * (n - 1)
     i = np.mod(i, period)
     return np.where(i >= n, period - i, i)
+
+
+def plane_slices(key: Any, kind: str) -> tuple[slice, slice, slice]:
+    """``key`` of ``view[key]`` on a (C, Y, X) plane view as three slices (an ``...`` and missing
+    trailing axes are full slices): what a lazy plane (``kind`` names it in the error) supports
+    for :func:`read_window`.
+
+    >>> plane_slices((Ellipsis, slice(1, 3)), "V")
+    (slice(None, None, None), slice(None, None, None), slice(1, 3, None))
+    """
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
+    key = key + (slice(None),) * (3 - len(key))
+    if len(key) != 3 or not all(isinstance(k, slice) for k in key):
+        raise TypeError(f"{kind} supports slices only, got {key!r}")
+    return key[0], key[1], key[2]
 
 
 def read_window(image: Any, rows: slice, cols: slice, offset: int = 0) -> npt.NDArray[Any]:

@@ -35,6 +35,7 @@ import numpy.typing as npt
 from scipy import sparse
 
 from .errors import TilingError
+from .padding import plane_slices
 from .plan import Tile, TilePlan
 from .sinks import BandSink, TileSink
 
@@ -109,15 +110,7 @@ class RescaledPlane:
         self.cols = axis_weights(w, self.shape[2])  # (X', X)
 
     def __getitem__(self, key: Any) -> npt.NDArray[np.float32]:
-        if not isinstance(key, tuple):
-            key = (key,)
-        if any(k is Ellipsis for k in key):
-            i = key.index(Ellipsis)
-            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
-        key = key + (slice(None),) * (3 - len(key))
-        if len(key) != 3 or not all(isinstance(k, slice) for k in key):
-            raise TypeError(f"RescaledPlane supports slices only, got {key!r}")
-        channels, rows, cols = key
+        channels, rows, cols = plane_slices(key, "RescaledPlane")
         r0, r1, rstep = rows.indices(self.shape[1])
         c0, c1, cstep = cols.indices(self.shape[2])
         if rstep != 1 or cstep != 1:
